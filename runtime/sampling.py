@@ -28,3 +28,49 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """Next token per row of logits [N, V] (float32). Seeded rows draw from their own generator, so a seed gives
+    the same text whatever else shares the batch."""
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    if bool(greedy.all()):
+        return logits.argmax(dim=-1).tolist()
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                         device=logits.device, dtype=logits.dtype)
+    scaled = logits / temps[:, None]
+    scaled = _apply_top_k(scaled, [p.top_k for p in params])
+    scaled = _apply_top_p(scaled, [p.top_p for p in params])
+    probs = torch.softmax(scaled, dim=-1)
+    out = logits.argmax(dim=-1)
+    unseeded = [i for i, (p, g) in enumerate(zip(params, generators)) if not p.greedy and g is None]
+    if unseeded:
+        rows = torch.tensor(unseeded, device=logits.device)
+        out[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if not p.greedy and g is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=g).squeeze(0)
+    return out.tolist()
+
+
+def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    if all(k == vocab for k in ks):
+        return logits
+    k_t = torch.tensor(ks, device=logits.device)
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    kth = sorted_logits.gather(1, (k_t - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    if all(p >= 1.0 for p in top_ps):
+        return logits
+    p_t = torch.tensor(top_ps, device=logits.device, dtype=logits.dtype)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # drop a token once the mass before it already reaches top_p; the most likely token always stays
+    drop = (cum - sorted_logits.softmax(dim=-1)) >= p_t[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,101 @@
+"""The one `semipd` command: serve, tiny-model, operator."""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from semipd.runtime.config import EngineConfig, ServerConfig
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API (prefill and decode on their own SMs)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="Hugging Face model directory (default: the embedded tiny model, made once in "
+                                   "the cache directory)")
+    p.add_argument("--served-model-name", help="name clients use in 'model' (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="decode batch limit")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="prefill token budget per step; longer prompts are chunked")
+    p.add_argument("--max-num-waiting", type=int, default=256, help="queued requests before answering 503")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides --kv-cache-memory)")
+    p.add_argument("--kv-cache-memory", type=float, default=0.25,
+                   help="KV pool: GiB on CPU; on CUDA a fraction of free memory when <= 1, else GiB")
+    p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="auto: Triton kernels on CUDA, torch references on CPU")
+    p.add_argument("--partition-backend", default="auto", choices=["auto", "greenctx", "shared", "cpu"],
+                   help="auto: green contexts on CUDA when the driver has them, else shared streams; cpu without GPU")
+    p.add_argument("--sm-split", help="initial split: prefill=N (SMs) or prefill=F (fraction, rounded to what the "
+                                      "device allows)")
+    p.add_argument("--partition-policy", default="static", choices=["static", "external"],
+                   help="static: the split changes only when told; external: an operator sets it through the "
+                        "admin API or the partition file")
+    p.add_argument("--partition-file", help="file to watch for the split (the downward-API projection of the pod "
+                                            "annotation semipd.io/sm-partition)")
+    p.add_argument("--admin-token-file", help="bearer token for /admin/* (or set SEMIPD_ADMIN_TOKEN)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _admin_token(path: str | None) -> str | None:
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"semipd serve: cannot read --admin-token-file {path}: {exc.strerror}")
+        if not token:
+            raise SystemExit(f"semipd serve: --admin-token-file {path} is empty")
+        return token
+    return os.environ.get("SEMIPD_ADMIN_TOKEN") or None
+
+
+def serve(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = args.model
+    if model is None:
+        from semipd.runtime.tiny_model import default_model_dir
+        model = str(default_model_dir())
+        logging.getLogger("semipd").info("no --model given: serving the embedded tiny random model at %s", model)
+    engine_config = EngineConfig(
+        model=model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_waiting=args.max_num_waiting,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        kernel_backend=args.kernel_backend, partition_backend=args.partition_backend, sm_split=args.sm_split,
+        partition_file=args.partition_file, cuda_graphs=not args.no_cuda_graphs, seed=args.seed)
+    server_config = ServerConfig(host=args.host, port=args.port, admin_token=_admin_token(args.admin_token_file),
+                                 graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+    from semipd.runtime.server import serve as run_server
+    return run_server(engine_config, server_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="semipd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    sub.add_parser("tiny-model", help="write a small random model with a tokenizer and chat template (no network)",
+                   add_help=False)
+    sub.add_parser("operator", help="run the SemiPDService Kubernetes operator", add_help=False)
+    if argv and argv[0] == "tiny-model":
+        from semipd.runtime.tiny_model import main as tiny_model_main
+        return tiny_model_main(argv[1:])
+    if argv and argv[0] == "operator":
+        from semipd.operator.main import main as operator_main
+        return operator_main(argv[1:])
+    args = parser.parse_args(argv)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""One request as the engine sees it: tokens, its KV block table, and what it has streamed so far."""
+import itertools
+import time
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Callable
+
+import torch
+
+from semipd.runtime.sampling import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()    # in the prefill queue (new, or preempted and waiting to be recomputed)
+    PREFILL = auto()    # admitted: its prompt is being prefilled (maybe in chunks)
+    HANDOFF = auto()    # prefilled, first token sampled, waiting for the decode worker to take it
+    DECODE = auto()     # in the decode batch
+    FINISHED = auto()
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]            # new token ids in this chunk
+    text: str                       # new text in this chunk (stop strings already cut)
+    finished: bool
+    finish_reason: str | None       # "stop" | "length" | "abort" | None
+    prompt_tokens: int
+    completion_tokens: int          # cumulative
+
+
+_order = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 on_output: Callable[[RequestOutput], None], device: torch.device):
+        self.request_id = request_id
+        self.order = next(_order)                     # admission order: "newest" means largest
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.on_output = on_output
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0                  # tokens whose K/V are in the cache
+        self.aborted = False
+        self.finish_reason: str | None = None
+        self.ready_event = None                        # CUDA event the decode worker waits on after handoff
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        # detokenizer state (see Detokenizer)
+        self.text = ""
+        self.emitted_chars = 0
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.pending_ids: list[int] = []              # token ids produced but not yet sent
+        # timings for metrics
+        self.arrival_time = time.monotonic()
+        self.admitted_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
