@@ -1,0 +1,130 @@
+"""kopf handlers: thin triggers around reconcile.reconcile, which every one of them runs.
+
+Triggers: the SemiPDService's create/update/resume (errors go back to kopf: retry or stop), events of the
+children it owns (a Deployment or Service deleted by hand comes back at once; pod changes refresh the per-pod
+split), and a timer that keeps the status fresh and re-creates what has no watch (the Secret).
+
+Passes for one service never overlap (a lock per service), and each starts from a fresh read of the object,
+so observedGeneration can only move forward."""
+import logging
+import threading
+from dataclasses import dataclass
+
+import kopf
+import kubernetes.client
+
+from semipd.operator import names, reconcile
+from semipd.operator.kube import ApiError, Kube
+
+log = logging.getLogger("semipd.operator")
+
+
+@dataclass
+class OperatorConfig:
+    kube: Kube
+    connection: kubernetes.client.Configuration
+    status_interval: float = 30.0
+    settings: reconcile.Settings = reconcile.Settings()
+
+
+class _Locks:
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+
+    def get(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+
+def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same client configuration the operator's own calls use."""
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        username=cfg.username or None, password=cfg.password or None, scheme=scheme, token=token,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file)
+
+
+def _emitter(body: dict):
+    def emit(reason: str, message: str, warning: bool = False) -> None:
+        (kopf.warn if warning else kopf.info)(body, reason=reason, message=message)
+    return emit
+
+
+def was_rejected(body: dict) -> bool:
+    """The current generation already failed to apply: only a spec change (a new generation) retries it."""
+    generation = body.get("metadata", {}).get("generation")
+    for c in (body.get("status") or {}).get("conditions") or []:
+        if (c.get("type") == names.PROGRESSING and c.get("reason") in ("ApplyFailed", "InvalidSpec")
+                and c.get("observedGeneration") == generation):
+            return True
+    return False
+
+
+def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
+    locks = _Locks()
+    crd = dict(group=names.GROUP, version=names.VERSION, plural=names.PLURAL, registry=registry)
+    ours = {names.MANAGED_BY_LABEL: names.MANAGED_BY}
+
+    def run(namespace: str, name: str, skip_rejected: bool) -> None:
+        with locks.get(namespace, name):
+            body = cfg.kube.get_or_none(names.API_VERSION, names.PLURAL, namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return  # gone or going: garbage collection removes the children
+            if skip_rejected and was_rejected(body):
+                return
+            reconcile.reconcile(cfg.kube, body, cfg.settings, _emitter(body))
+
+    @kopf.on.login(registry=registry)
+    def login(**_):
+        return connection_info(cfg.connection)
+
+    @kopf.on.startup(registry=registry)
+    def check_crd(**_):
+        try:
+            cfg.kube.request("GET", f"/apis/{names.API_VERSION}/{names.PLURAL}", query={"limit": "1"})
+        except ApiError as e:
+            raise kopf.PermanentError(
+                f"cannot list {names.PLURAL}.{names.GROUP}: {e} (is crds/semipdservice.yaml applied, and does "
+                "the operator's RBAC allow it?)") from None
+
+    @kopf.on.resume(**crd)
+    @kopf.on.create(**crd)
+    @kopf.on.update(**crd)
+    def reconcile_service(namespace, name, **_):
+        try:
+            run(namespace, name, skip_rejected=False)
+        except reconcile.Rejected as e:
+            raise kopf.PermanentError(str(e)) from None
+        except reconcile.Retry as e:
+            raise kopf.TemporaryError(str(e), delay=e.delay) from None
+
+    @kopf.timer(**crd, interval=cfg.status_interval, initial_delay=cfg.status_interval)
+    def refresh(namespace, name, **_):
+        _quietly(run, namespace, name, skip_rejected=True)
+
+    @kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)
+    @kopf.on.event("v1", "services", labels=ours, registry=registry)
+    @kopf.on.event("v1", "pods", labels=ours, registry=registry)
+    def child_changed(event, body, namespace, **_):
+        if event.get("type") is None:
+            return  # the initial listing: resume handlers already reconcile every service at start
+        owner = (body.get("metadata", {}).get("labels") or {}).get(names.SERVICE_LABEL)
+        if owner:
+            _quietly(run, namespace, owner, skip_rejected=True)
+
+
+def _quietly(fn, *args, **kwargs) -> None:
+    """Background passes log their failures (the status already says them); the spec's own handler is the one
+    that reports to kopf, so kopf's retries stay bounded to it."""
+    try:
+        fn(*args, **kwargs)
+    except (reconcile.Rejected, reconcile.Retry) as e:
+        log.info("reconcile deferred: %s", e)
+    except ApiError as e:
+        log.warning("reconcile failed: %s", e)
+    except Exception:
+        log.exception("reconcile failed")

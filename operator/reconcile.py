@@ -1,0 +1,205 @@
+"""One level-based pass over a SemiPDService: make the children match the spec, sync each pod's split, write the
+status. Every trigger (create/update/resume, a child's event, the timer) runs this same pass, so it must be
+idempotent: fixed names, server-side apply, a Secret created once. No kopf in here; `emit` posts events."""
+import base64
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import kopf
+
+from semipd.operator import builders, conditions, names, pods, spec as specs, status
+from semipd.operator.kube import ApiError, Kube
+
+log = logging.getLogger("semipd.operator.reconcile")
+
+Emit = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    push_timeout: float = 2.0       # seconds for one PUT /admin/partition
+    retry_after: float = 15.0       # seconds before a failed push of the same split is tried again
+
+
+class Rejected(Exception):
+    """The spec cannot be turned into children the API server accepts. Retrying cannot help; a spec change can."""
+
+
+class Retry(Exception):
+    """A state that passes by itself (for example a child still being deleted): try again after `delay` s."""
+
+    def __init__(self, message: str, delay: float = 5.0):
+        super().__init__(message)
+        self.delay = delay
+
+
+def _no_emit(reason: str, message: str, warning: bool = False) -> None:
+    pass
+
+
+def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emit = _no_emit,
+              now: datetime | None = None) -> dict:
+    """Apply the children of `body` (a fresh read of the SemiPDService) and write its status. Returns the status
+    written. observedGeneration is written only when everything was applied."""
+    now = now or datetime.now(timezone.utc)
+    meta = body["metadata"]
+    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+    old_status = body.get("status") or {}
+    try:
+        spec = specs.parse(name, namespace, body.get("spec") or {})
+    except specs.SpecError as e:
+        _fail(kube, body, str(e), "InvalidSpec", emit, now)
+        raise Rejected(str(e)) from None
+
+    metrics = conditions.Metrics(configured=bool(spec.prometheus_url))
+    try:
+        token = ensure_secret(kube, spec, body, emit)
+        deployment, template_hash, history = apply_deployment(kube, spec, body, old_status.get("history"),
+                                                              emit, now)
+        apply_service(kube, spec, body, emit)
+        apply_pod_monitor(kube, spec, body, emit)
+    except Rejected as e:
+        _fail(kube, body, str(e), "ApplyFailed", emit, now, metrics)
+        raise
+    except ApiError as e:
+        if e.invalid:
+            # 422/400: the object as built is invalid. Retrying the same spec cannot help.
+            _fail(kube, body, e.message, "ApplyFailed", emit, now, metrics)
+            raise Rejected(e.message) from None
+        if e.status == 403:
+            # RBAC forbids it: an administrator can fix that without a spec change, so retry, slowly.
+            _fail(kube, body, e.message, "Forbidden", emit, now, metrics)
+            raise Retry(e.message, delay=60) from None
+        if e.conflict:
+            # 409 from a create (AlreadyExists) or a name still held by an object being deleted: passes by itself.
+            raise Retry(e.message) from None
+        raise
+
+    split = builders.desired_split(spec)
+    if old_status.get("split") and old_status["split"] != split:
+        emit("SplitChanged", f"SM split {old_status['split']} -> {split} on every pod, in place")
+    history = status.record(history, "Split", old_status.get("split"), split, "Spec", now)
+    entries = pods.sync(kube, namespace, name, spec.engine.port, spec.partition.initial, token,
+                        old_status.get("pods"), now, settings.push_timeout, settings.retry_after, emit)
+    observed = conditions.Observed(
+        desired_replicas=builders.desired_replicas(spec, deployment["spec"].get("replicas")),
+        deployment=deployment, metrics=metrics,
+        ttft_target_ms=spec.slo.ttft_ms, tpot_target_ms=spec.slo.tpot_ms)
+    conds = conditions.merge(old_status.get("conditions"), conditions.compute(observed), generation,
+                             status.stamp(now))
+    new = status.assemble(service=name, deployment=deployment, conditions=conds, split=split,
+                          template_hash=template_hash, pods=entries, history=history)
+    if generation is not None:
+        new["observedGeneration"] = generation
+    write_status(kube, body, new)
+    return new
+
+
+def _owned_by_other(obj: dict | None, owner: dict) -> bool:
+    refs = (obj or {}).get("metadata", {}).get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") != owner["metadata"]["uid"] for r in refs)
+
+
+def _adopt(obj: dict, owner: dict, existing: dict | None) -> dict:
+    if _owned_by_other(existing, owner):
+        raise Rejected(f"{obj['kind']} {obj['metadata']['name']} already exists and belongs to another owner; "
+                       "delete it or rename this SemiPDService")
+    kopf.append_owner_reference(obj, owner=owner)
+    return obj
+
+
+def ensure_secret(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) -> str | None:
+    """The admin token: made once per service and never rotated by a reconcile (pods read it from a file).
+    A Secret of that name that a user made first is used as it is."""
+    name = names.admin_secret_name(spec.name)
+    secret = kube.get_or_none("v1", "secrets", spec.namespace, name)
+    if secret is None:
+        token = secrets.token_urlsafe(32)
+        try:
+            kube.create(_adopt(builders.admin_secret(spec, token), owner, None), "secrets")
+        except ApiError as e:
+            if not e.conflict:
+                raise
+            secret = kube.get("v1", "secrets", spec.namespace, name)  # a concurrent pass made it first
+        else:
+            emit("Created", f"Secret {name} with a new admin token")
+            return token
+    raw = (secret.get("data") or {}).get(names.ADMIN_TOKEN_KEY)
+    if not raw:
+        emit("InvalidSecret", f"Secret {name} has no '{names.ADMIN_TOKEN_KEY}' key; split pushes are skipped",
+             warning=True)
+        return None
+    return base64.b64decode(raw).decode()
+
+
+def apply_deployment(kube: Kube, spec: specs.ServiceSpec, owner: dict, history: list, emit: Emit,
+                     now: datetime) -> tuple[dict, str, list]:
+    current = kube.get_or_none("apps/v1", "deployments", spec.namespace, spec.name)
+    current_replicas = current["spec"].get("replicas") if current else None
+    replicas = builders.desired_replicas(spec, current_replicas)
+    obj = _adopt(builders.deployment(spec, replicas), owner, current)
+    new_hash = obj["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION]
+    result = kube.apply(obj, "deployments")
+    if current is None:
+        emit("Created", f"Deployment {spec.name} with {replicas} pod(s), template {new_hash}")
+        return result, new_hash, history
+    old_hash = (current["metadata"].get("annotations") or {}).get(names.TEMPLATE_HASH_ANNOTATION)
+    if old_hash != new_hash:
+        emit("RollingUpdate", f"pod template changed ({old_hash} -> {new_hash}): replacing pods")
+        history = status.record(history, "Rollout", old_hash, new_hash, "Spec", now)
+    if current_replicas != replicas:
+        emit("Scaled", f"Deployment {spec.name}: {current_replicas} -> {replicas} pod(s), no restart")
+        history = status.record(history, "Scale", current_replicas, replicas, "Spec", now)
+    return result, new_hash, history
+
+
+def apply_service(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) -> dict:
+    current = kube.get_or_none("v1", "services", spec.namespace, spec.name)
+    result = kube.apply(_adopt(builders.service(spec), owner, current), "services")
+    if current is None:
+        emit("Created", f"Service {spec.name} on port {spec.engine.port}")
+    return result
+
+
+def apply_pod_monitor(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) -> bool:
+    """Only where the Prometheus Operator's CRD exists (404 otherwise) and RBAC allows it (403 otherwise)."""
+    obj = _adopt(builders.pod_monitor(spec), owner, None)
+    try:
+        kube.apply(obj, "podmonitors")
+    except ApiError as e:
+        if e.not_found or e.status == 403:
+            return False
+        raise
+    return True
+
+
+def _fail(kube: Kube, body: dict, message: str, reason: str, emit: Emit, now: datetime,
+          metrics: conditions.Metrics = conditions.Metrics()) -> None:
+    """Record why the children could not be applied; observedGeneration stays where it was."""
+    emit(reason, message, warning=True)
+    meta = body["metadata"]
+    old = body.get("status") or {}
+    try:
+        deployment = kube.get_or_none("apps/v1", "deployments", meta["namespace"], meta["name"])
+    except ApiError:
+        deployment = None
+    observed = conditions.Observed(desired_replicas=0, deployment=deployment, failure=message,
+                                   failure_reason=reason, metrics=metrics)
+    conds = conditions.merge(old.get("conditions"), conditions.compute(observed), meta.get("generation"),
+                             status.stamp(now))
+    write_status(kube, body, {"conditions": conds, **status.deployment_counts(deployment)})
+
+
+def write_status(kube: Kube, body: dict, new: dict) -> None:
+    if not status.changed(body.get("status"), new):
+        return
+    meta = body["metadata"]
+    try:
+        kube.merge_patch(names.API_VERSION, names.PLURAL, meta["namespace"], meta["name"], {"status": new},
+                         subresource="status")
+    except ApiError as e:
+        if not e.not_found:  # deleted meanwhile: nothing to report to
+            raise

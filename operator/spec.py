@@ -1,0 +1,156 @@
+"""A SemiPDService spec as plain dataclasses. The API server has already validated and defaulted the object
+(crds/semipdservice.yaml); the defaults here only matter for specs that never went through it, and a unit test
+keeps them equal to the CRD's."""
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A spec the CRD should have rejected (for example one applied before the CRD had its validation rules)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    pvc_claim: str | None = None
+    pvc_sub_path: str = ""
+    host_path: str | None = None
+    image_path: str | None = None
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Engine:
+    image: str
+    image_pull_policy: str | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[dict, ...] = ()
+    port: int = 8000
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int = 1
+    gpu_resource_name: str = "nvidia.com/gpu"
+    cpu: str | None = None
+    memory: str | None = None
+
+
+@dataclass(frozen=True)
+class Partition:
+    initial: float = 0.5
+    min: float = 0.1
+    max: float = 0.9
+    step: float = 0.05
+    cooldown_seconds: int = 30
+    backend: str | None = None
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    percentile: float = 90
+    attainment: float = 0.9
+
+
+@dataclass(frozen=True)
+class PodTemplate:
+    labels: dict = field(default_factory=dict)
+    annotations: dict = field(default_factory=dict)
+    node_selector: dict = field(default_factory=dict)
+    tolerations: tuple[dict, ...] = ()
+    affinity: dict | None = None
+    volumes: tuple[dict, ...] = ()
+    volume_mounts: tuple[dict, ...] = ()
+    service_account_name: str | None = None
+    runtime_class_name: str | None = None
+    priority_class_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    namespace: str
+    model: ModelSource
+    engine: Engine
+    served_model_name: str
+    replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    resources: Resources = Resources()
+    partition: Partition = Partition()
+    slo: SLO = SLO()
+    prometheus_url: str | None = None
+    pod_template: PodTemplate = PodTemplate()
+    max_surge: int | str | None = None
+    max_unavailable: int | str | None = None
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None
+
+
+def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
+    """Turn the `spec` of a SemiPDService into a ServiceSpec, or raise SpecError saying what is wrong."""
+    spec = spec or {}
+    model = spec.get("model") or {}
+    pvc = model.get("pvc") or {}
+    source = ModelSource(pvc_claim=pvc.get("claimName"), pvc_sub_path=pvc.get("subPath") or "",
+                         host_path=model.get("hostPath"), image_path=model.get("imagePath"), uri=model.get("uri"))
+    chosen = [k for k, v in (("pvc", source.pvc_claim), ("hostPath", source.host_path),
+                             ("imagePath", source.image_path), ("uri", source.uri)) if v]
+    if len(chosen) != 1:
+        raise SpecError(f"spec.model must set exactly one of pvc, hostPath, imagePath, uri (got {chosen or 'none'})")
+
+    eng = spec.get("engine") or {}
+    if not eng.get("image"):
+        raise SpecError("spec.engine.image is required")
+    engine = Engine(image=eng["image"], image_pull_policy=eng.get("imagePullPolicy"),
+                    args=tuple(str(a) for a in eng.get("args") or ()), env=tuple(eng.get("env") or ()),
+                    port=int(eng.get("port", 8000)))
+
+    res = spec.get("resources") or {}
+    resources = Resources(gpus=int(res.get("gpus", 1)),
+                          gpu_resource_name=res.get("gpuResourceName") or "nvidia.com/gpu",
+                          cpu=_quantity(res.get("cpu")), memory=_quantity(res.get("memory")))
+
+    part = spec.get("partition") or {}
+    partition = Partition(initial=float(part.get("initial", 0.5)), min=float(part.get("min", 0.1)),
+                          max=float(part.get("max", 0.9)), step=float(part.get("step", 0.05)),
+                          cooldown_seconds=int(part.get("cooldownSeconds", 30)), backend=part.get("backend"))
+    if not (0 < partition.min <= partition.initial <= partition.max < 1):
+        raise SpecError("spec.partition needs 0 < min <= initial <= max < 1")
+
+    slo_spec = spec.get("slo") or {}
+    slo = SLO(ttft_ms=slo_spec.get("ttftMs"), tpot_ms=slo_spec.get("tpotMs"),
+              percentile=float(slo_spec.get("percentile", 90)), attainment=float(slo_spec.get("attainment", 0.9)))
+
+    auto = spec.get("autoscaling")
+    if auto is not None and spec.get("replicas") is not None:
+        raise SpecError("spec.replicas and spec.autoscaling are mutually exclusive")
+    min_replicas = max_replicas = None
+    if auto is not None:
+        min_replicas, max_replicas = int(auto["minReplicas"]), int(auto["maxReplicas"])
+        if min_replicas > max_replicas:
+            raise SpecError("spec.autoscaling.minReplicas must be less than or equal to maxReplicas")
+
+    tpl = spec.get("podTemplate") or {}
+    pod_template = PodTemplate(
+        labels=dict(tpl.get("labels") or {}), annotations=dict(tpl.get("annotations") or {}),
+        node_selector=dict(tpl.get("nodeSelector") or {}), tolerations=tuple(tpl.get("tolerations") or ()),
+        affinity=tpl.get("affinity"), volumes=tuple(tpl.get("volumes") or ()),
+        volume_mounts=tuple(tpl.get("volumeMounts") or ()), service_account_name=tpl.get("serviceAccountName"),
+        runtime_class_name=tpl.get("runtimeClassName"), priority_class_name=tpl.get("priorityClassName"))
+
+    rollout = spec.get("rollout") or {}
+    return ServiceSpec(
+        name=name, namespace=namespace, model=source, engine=engine,
+        served_model_name=spec.get("servedModelName") or name,
+        replicas=spec.get("replicas"), min_replicas=min_replicas, max_replicas=max_replicas,
+        resources=resources, partition=partition, slo=slo,
+        prometheus_url=(spec.get("prometheus") or {}).get("url"), pod_template=pod_template,
+        max_surge=rollout.get("maxSurge"), max_unavailable=rollout.get("maxUnavailable"))
+
+
+def _quantity(value) -> str | None:
+    return None if value is None else str(value)
