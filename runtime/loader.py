@@ -81,8 +81,10 @@ def parse_config(raw: dict, gen: dict, source: str, *, max_model_len: int | None
         raise ModelLoadError(f"{source}: num_attention_heads {heads} is not a multiple of "
                              f"num_key_value_heads {kv_heads}")
     # Qwen3Config defaults head_dim to 128 rather than deriving it; the others derive it.
-    head_dim = raw.get("head_dim", 128 if family == "qwen3" else None)
-    head_dim = f.positive("head_dim", hidden // heads) if head_dim is not None else hidden // heads
+    if raw.get("head_dim") is not None:
+        head_dim = f.positive("head_dim")
+    else:
+        head_dim = 128 if family == "qwen3" and "head_dim" not in raw else hidden // heads
     if head_dim <= 0 or head_dim % 2:
         raise ModelLoadError(f"{source}: head_dim {head_dim} must be a positive even number")
 
@@ -113,7 +115,7 @@ def parse_config(raw: dict, gen: dict, source: str, *, max_model_len: int | None
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=f.get("rms_norm_eps", (int, float), 1e-6),
+        rms_norm_eps=float(f.get("rms_norm_eps", (int, float), 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=max_positions,

@@ -110,14 +110,14 @@ def write_tiny_model(out_dir, arch: str = "llama", *, hidden_size: int = 64, int
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     tok_vocab = tokenizer.get_vocab_size()
     if vocab_size is None:
         vocab_size = tok_vocab
     if vocab_size < tok_vocab:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {tok_vocab} tokens")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
 
     shape = dict(arch=arch, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
