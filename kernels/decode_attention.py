@@ -123,6 +123,11 @@ def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device, max_s
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, workspace=None, *,
                      num_splits: int | None = None):
+    """Paged decode attention; see the module docstring. num_splits overrides the split-K heuristic.
+
+    For CUDA-graph capture pass a DecodeWorkspace: the partial buffers are then not allocated here, and the only
+    allocation left is the output, which PyTorch serves from the graph's private memory pool during capture.
+    """
     check_runnable(decode_kernel, q, k_cache, v_cache)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

@@ -5,7 +5,6 @@ slot % block_size; slot -1 marks a padding token and writes nothing.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
