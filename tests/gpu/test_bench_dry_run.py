@@ -1,0 +1,81 @@
+"""The GPU benchmarks' host-side paths, which must work anywhere: refusing cleanly without CUDA, argument
+checking, the sweep plan and its table, and a split switch timed through the real engine (on CPU, cpu backend)."""
+import json
+
+import pytest
+
+import gpu_common
+import sm_disjointness
+import sm_sweep
+import switch_latency
+
+pytestmark = pytest.mark.unit
+
+
+def _has_cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has a GPU: the scripts would run, not refuse")
+@pytest.mark.parametrize("script", [sm_disjointness, sm_sweep, switch_latency])
+def test_scripts_refuse_with_exit_2_and_one_line_without_cuda(script, capsys):
+    assert script.main([]) == gpu_common.EXIT_NO_GPU
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "no CUDA device" in err and "--dry-run" in err
+
+
+def test_int_list_rejects_bad_input():
+    import argparse
+    assert gpu_common.int_list("8, 64,120") == [8, 64, 120]
+    for bad in ("8,x", "", "0", "-8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gpu_common.int_list(bad)
+
+
+def test_format_table_aligns_columns_and_shows_missing_values():
+    lines = gpu_common.format_table(["a", "long name"], [[1, None], [123, "x"]]).splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].split() == ["1", "-"]
+
+
+def test_sweep_plans_every_phase_size_and_split(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert sm_sweep.main(["--dry-run", "--splits", "8,64", "--tokens", "512,8192", "--batches", "1,64",
+                          "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # the whole GPU plus two splits, each with 2 prefill sizes and 2 decode batches
+    assert len(rows) == 3 * 4
+    assert {(r["target"], r["phase"], r["size"]) for r in rows} >= {("split 8", "prefill", 8192),
+                                                                     ("split 64", "decode", 64)}
+    for r in rows:
+        assert r["slowdown"] == pytest.approx(r["with_other_ms"] / r["alone_ms"])
+        assert r["partner"] == ("decode B=16" if r["phase"] == "prefill" else "prefill N=2048")
+    assert "SYNTHETIC" in capsys.readouterr().out
+
+
+def test_sweep_without_concurrency_leaves_the_column_empty(tmp_path):
+    out = tmp_path / "s.json"
+    assert sm_sweep.main(["--dry-run", "--splits", "64", "--no-concurrent", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["with_other_ms"] is None and r["slowdown"] is None for r in rows)
+
+
+def test_sweep_rejects_bad_numbers():
+    with pytest.raises(SystemExit) as exc:
+        sm_sweep.main(["--dry-run", "--iters", "0"])
+    assert exc.value.code == 2
+
+
+def test_switch_is_timed_through_the_real_engine_on_cpu(tmp_path):
+    out = tmp_path / "w.json"
+    assert switch_latency.main(["--dry-run", "--switches", "2", "--dwell", "0", "--decode-requests", "2",
+                                "--prompt-len", "8", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    samples = data["engine_switch"]["samples"]
+    assert len(samples) == 2
+    # each switch moved to a different split, and the engine's histogram recorded it
+    assert samples[0]["to_prefill_sms"] != samples[1]["to_prefill_sms"]
+    assert all(s["metric_ms"] > 0 and s["wall_ms"] > 0 for s in samples)
+    assert data["controller_us"] > 0
