@@ -1,0 +1,336 @@
+"""The HTTP front end: OpenAI completions/chat (SSE streaming), models, health, metrics, and the admin API.
+
+Choices worth knowing (also in docs): completions default to max_tokens = min(16, what fits), like OpenAI;
+chat defaults to everything that fits in max_model_len. GET /admin/partition needs the token like PUT (the
+operator has it anyway, and the split plus the allowed values say more about the deployment than /metrics).
+On SIGTERM the server keeps listening and answers 503 to new work, so clients and load balancers get a clear
+answer instead of a refused connection; it exits once in-flight requests are done or the grace period ends.
+"""
+import asyncio
+import hmac
+import json
+import logging
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from semipd.runtime.config import EngineConfig, ServerConfig
+from semipd.runtime.engine import Engine, EngineOverloaded
+from semipd.runtime.partition import PartitionError
+from semipd.runtime.protocol import (
+    COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest, ResponseShape,
+    bad_request, error_body, parse_request, resolve_max_tokens, sse,
+)
+
+log = logging.getLogger("semipd.server")
+
+RETRY_AFTER_S = 1                 # what a full queue tells clients; the queue drains within a few steps
+DISCONNECT_POLL_S = 0.25          # how often a request not yet streaming checks for a vanished client
+SHUTDOWN_CANCEL_S = 2.0           # after the grace period, how long uvicorn waits before cancelling requests
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class DrainState:
+    draining: bool = False
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self.idle.set()
+
+
+class DrainMiddleware:
+    """Counts generation requests in flight and refuses new ones once shutdown has begun. Pure ASGI, so a
+    streaming response counts until its last byte is sent."""
+
+    def __init__(self, app, state: DrainState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        state = self.state
+        if state.draining:
+            body = error_body("the server is shutting down", "service_unavailable", code="shutting_down")
+            return await JSONResponse(body, status_code=503)(scope, receive, send)
+        state.in_flight += 1
+        state.idle.clear()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.in_flight -= 1
+            if state.in_flight == 0:
+                state.idle.set()
+
+
+def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="semipd", docs_url=None, redoc_url=None, openapi_url=None)
+    drain = DrainState()
+    app.state.drain = drain
+    app.add_middleware(DrainMiddleware, state=drain)
+    tokenizer = engine.tokenizer
+    max_token_id = max(tokenizer.get_vocab().values())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind, code=str(e.status_code)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        log.exception("unexpected error")
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    # --- OpenAI surface -------------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "semipd",
+                "root": engine.model_dir, "parent": None, "max_model_len": engine.max_model_len,
+                "permission": []}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_request(await request.body(), CompletionRequest)
+        check_model(req.model)
+        if isinstance(req.prompt, str):
+            ids = tokenizer(req.prompt, add_special_tokens=True).input_ids
+        else:
+            ids = list(req.prompt)
+        return await generate(request, req, ids, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(await request.body(), ChatCompletionRequest)
+        check_model(req.model)
+        if not tokenizer.chat_template:
+            raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
+        try:
+            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as e:      # the template itself may reject a conversation (e.g. role order)
+            raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return await generate(request, req, ids, "messages", None, chat=True)
+
+    def check_model(name: str | None):
+        if name is not None and name != engine.model_name:
+            raise APIError(404, f"model: the model '{name}' does not exist; this server serves "
+                                f"'{engine.model_name}'", type="not_found_error", param="model",
+                           code="model_not_found")
+
+    async def generate(request: Request, req, ids: list[int], prompt_param: str, default_cap, chat: bool):
+        if not ids:
+            raise bad_request(f"{prompt_param}: must not be empty", prompt_param)
+        if max(ids) > max_token_id:
+            raise bad_request(f"{prompt_param}: token id {max(ids)} is outside the vocabulary "
+                              f"(largest id {max_token_id})", prompt_param)
+        if req.stop_token_ids and max(req.stop_token_ids) > max_token_id:
+            raise bad_request(f"stop_token_ids: token id {max(req.stop_token_ids)} is outside the vocabulary "
+                              f"(largest id {max_token_id})", "stop_token_ids")
+        max_tokens = resolve_max_tokens(req.requested_max_tokens, len(ids), engine.max_model_len, default_cap,
+                                        prompt_param)
+        params = req.sampling_params(max_tokens)
+        try:
+            engine.validate(ids, params)
+        except ValueError as e:
+            raise bad_request(str(e), prompt_param) from None
+
+        shape = ResponseShape(chat, engine.model_name, req.include_usage)
+        log.info("request %s: %d prompt tokens, max_tokens %d, stream %s", shape.id, len(ids), max_tokens,
+                 req.stream)
+        outputs = engine.generate(shape.id, ids, params)
+        if req.stream:
+            # Wait for the first output before sending headers: a full queue must still be able to say 503.
+            first = await until_disconnect(request, anext_or_none(outputs))
+            if first is None and await request.is_disconnected():
+                return Response(status_code=499)
+            return StreamingResponse(stream(shape, first, outputs), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        result = await until_disconnect(request, collect(outputs))
+        if result is None:
+            return Response(status_code=499)
+        text, finish, prompt_tokens, completion_tokens = result
+        return shape.full(text, finish, prompt_tokens, completion_tokens)
+
+    async def until_disconnect(request: Request, coro):
+        """Run coro, cancelling it (and so aborting the engine request) if the client goes away first."""
+        task = asyncio.ensure_future(coro)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    return None
+        except EngineOverloaded as e:
+            raise APIError(503, f"the server is overloaded: {e}", type="service_unavailable",
+                           code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        finally:
+            if not task.done():      # the handler itself was cancelled
+                task.cancel()
+
+    async def anext_or_none(outputs):
+        return await anext(outputs, None)
+
+    async def collect(outputs):
+        parts, last = [], None
+        async for last in outputs:
+            parts.append(last.text)
+        if last is None:
+            return "", "abort", 0, 0
+        return "".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens
+
+    async def stream(shape: ResponseShape, first, outputs):
+        # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)
+        # are folded into the next chunk, so every chunk a client sees carries at least one token.
+        last = None
+        try:
+            pending = [first] if first is not None else []
+            async for out in _chain(pending, outputs):
+                last = out
+                if out.text or out.finished:
+                    yield sse(shape.chunk(out.text, out.finish_reason if out.finished else None))
+        except Exception:
+            log.exception("request %s failed while streaming", shape.id)
+            yield sse(error_body("internal error while generating", "server_error"))
+        else:
+            if shape.include_usage and last is not None:
+                yield sse(shape.usage_chunk(last.prompt_tokens, last.completion_tokens))
+        yield sse("[DONE]")
+
+    # --- operations -----------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if drain.draining:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def authorize(request: Request):
+        token = server_config.admin_token
+        if not token:
+            raise APIError(403, "the admin API is disabled; start the server with --admin-token-file PATH or "
+                                "SEMIPD_ADMIN_TOKEN to enable it", type="permission_error", code="admin_disabled")
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise APIError(401, "missing bearer token (Authorization: Bearer <admin token>)",
+                           type="authentication_error", code="missing_token",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise APIError(403, "wrong admin token", type="permission_error", code="invalid_token")
+
+    @app.get("/admin/partition")
+    async def get_partition(request: Request):
+        authorize(request)
+        return engine.partition.get()
+
+    @app.put("/admin/partition")
+    async def put_partition(request: Request):
+        authorize(request)
+        value = parse_partition(await request.body())
+        try:
+            result = engine.partition.set(value, source="admin-api")
+        except PartitionError as e:
+            raise APIError(422, str(e), param="prefill", code="impossible_partition",
+                           extra={"allowed_prefill_sms": list(e.allowed)}) from None
+        except ValueError as e:
+            raise bad_request(f"prefill: {e}", "prefill") from None
+        log.info("partition set by admin API: %s", {k: result.get(k) for k in ("prefill_sms", "decode_sms")})
+        return result
+
+    return app
+
+
+def parse_partition(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict) or set(data) != {"prefill"}:
+        raise bad_request('body must be {"prefill": <SMs as an integer, or a fraction in (0, 1)>}', "prefill")
+    value = data["prefill"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request("prefill: must be a number (SMs, or a fraction in (0, 1))", "prefill")
+    return {"prefill": value}
+
+
+async def _chain(first: list, rest):
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: it would stop listening at once and re-raise SIGTERM after
+    shutdown (exit status -15); the drain below does both jobs the way a Kubernetes pod needs."""
+
+    @contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
+    app = build_app(engine, server_config)
+    drain: DrainState = app.state.drain
+    config = uvicorn.Config(app, host=server_config.host, port=server_config.port, lifespan="off",
+                            log_level=server_config.log_level, timeout_graceful_shutdown=SHUTDOWN_CANCEL_S)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+
+    async def drain_then_exit():
+        log.info("shutting down: refusing new requests, waiting up to %.0fs for %d in flight",
+                 server_config.graceful_timeout, drain.in_flight)
+        try:
+            await asyncio.wait_for(drain.idle.wait(), server_config.graceful_timeout)
+        except asyncio.TimeoutError:
+            log.warning("grace period over with %d requests in flight; cancelling them", drain.in_flight)
+        server.should_exit = True
+
+    def on_signal(sig: signal.Signals):
+        if drain.draining:       # a second signal: stop now
+            log.warning("%s again: exiting without waiting", sig.name)
+            server.should_exit = True
+            server.force_exit = True
+            return
+        drain.draining = True
+        loop.create_task(drain_then_exit())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.serve()
+    if not server.started:
+        raise OSError(f"could not listen on {server_config.host}:{server_config.port}")
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    logging.basicConfig(level=server_config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine(engine_config)
+    engine.start()
+    try:
+        asyncio.run(_serve_async(engine, server_config))
+    except (OSError, SystemExit) as e:      # uvicorn exits (1) when it cannot bind
+        log.error("server failed: %s", e)
+        return 1
+    finally:
+        engine.shutdown()
+    log.info("shut down cleanly")
+    return 0
