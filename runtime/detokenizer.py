@@ -23,8 +23,19 @@ class Detokenizer:
                 at = seq.text.find(stop, searched_from)
                 if at != -1:
                     seq.text = seq.text[:at]
+                    seq.prefix_offset = seq.read_offset = len(ids)
                     return True
         return False
+
+    def flush(self, seq: Sequence) -> None:
+        """At the end, text held back for an unfinished multi-byte character is released as the tokenizer
+        renders it (with replacement characters), as a full decode would show it."""
+        ids = seq.output_token_ids
+        prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
+        full = self._decode(ids[seq.prefix_offset:])
+        if len(full) > len(prefix):
+            seq.text += full[len(prefix):]
+        seq.prefix_offset = seq.read_offset = len(ids)
 
     @staticmethod
     def _longest_stop(seq: Sequence) -> int:

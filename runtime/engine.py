@@ -318,6 +318,8 @@ class Engine:
         elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason:
+            if not stop_hit:
+                self.detokenizer.flush(seq)
             self._finish(seq, reason)
         else:
             self._emit(seq, finished=False)

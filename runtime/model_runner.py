@@ -49,7 +49,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kernel_backend = resolve_kernel_backend(config.kernel_backend, self.device)
         self.ops = load_ops(self.kernel_backend)
-        self.model, self.model_config = load_model(config.model, self.dtype, self.device, self.ops)
+        self.model, self.model_config = load_model(config.model, self.dtype, self.device, self.ops,
+                                                   max_model_len=config.max_model_len)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:

@@ -9,6 +9,8 @@ except Exception:
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # reference computations in the test process share 2 cores with the servers under test; more threads only thrash
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
