@@ -11,7 +11,8 @@ Workloads (bfloat16, one copy of the weights read by both phases, as in the engi
 
 Timing: CUDA events around every call, `--warmup` calls first, medians reported. "with other" runs the other phase
 on the other stream at the same time (prefill against decode at --partner-batch, decode against prefill at
---partner-tokens) and keeps only the calls that lay entirely inside the other phase's busy window.
+--partner-tokens), each phase issued from its own thread and synchronised after every call like the engine's two
+workers, and keeps only the calls that lay entirely inside the other phase's busy window.
 
     python bench/sm_sweep.py [--splits 16,64,112] [--tokens 512,2048,8192] [--batches 1,16,64] [--json out.json]
     python bench/sm_sweep.py --dry-run      # no GPU: the plan, table and JSON from a synthetic latency model
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
 from dataclasses import asdict, dataclass
 
 from gpu_common import (EXIT_OK, add_common_args, fmt_ms, format_table, int_list, median, refuse_without_cuda,
@@ -216,7 +218,6 @@ class GpuMeasure:
         self.decode_eager = {b: work.decode(b, context, device) for b in batches}
         self.cuda_graph = cuda_graph
         self._decode: dict[tuple[Target, int], tuple] = {}
-        self._alone_cache: dict[tuple[Target, str, int], float] = {}
 
     def decode_fn(self, t: Target, batch: int):
         """A CUDA graph captured on this target's decode stream (a graph keeps the SMs of the stream it was
@@ -244,17 +245,14 @@ class GpuMeasure:
             fn, stream, note = self.prefill_fns[size], prefill_stream, "eager"
         else:
             (fn, note), stream = self.decode_fn(t, size), decode_stream
-        ms = median(time_on_stream(fn, stream, self.warmup, self.iters))
-        self._alone_cache[(t, phase, size)] = ms
-        return ms, note
+        return median(time_on_stream(fn, stream, self.warmup, self.iters)), note
 
     def together(self, t: Target, tokens: int, batch: int):
+        """Both phases at once, each issued from its own thread and synchronised after every call, as the
+        engine's two workers do: prefill runs `iters` calls while decode steps repeat until prefill is done."""
         import torch
         ps, ds = self.streams[t]
         p_fn, (d_fn, _) = self.prefill_fns[tokens], self.decode_fn(t, batch)
-        p_ms = self._alone_cache.get((t, "prefill", tokens)) or self.alone(t, "prefill", tokens)[0]
-        d_ms = self._alone_cache.get((t, "decode", batch)) or self.alone(t, "decode", batch)[0]
-        per_prefill = max(1, min(2000, math.ceil(p_ms / d_ms)))   # decode steps that span one prefill call
         # One clock for both streams: they wait on a gate event behind a short sleep, so each stream's t0 event
         # fires at the same moment, and every call is timed from its own stream's t0.
         torch.cuda.synchronize(self.device)
@@ -267,20 +265,47 @@ class GpuMeasure:
             t0[name] = torch.cuda.Event(enable_timing=True)
             t0[name].record(s)
         calls = {"p": [], "d": []}
-        for _ in range(self.iters):
-            calls["p"].append(_timed(p_fn, ps))
-            calls["d"] += [_timed(d_fn, ds) for _ in range(per_prefill)]
-        ps.synchronize()
-        ds.synchronize()
+        prefill_done = threading.Event()
+        errors = []
+
+        def loop(key, fn, stream):
+            def more():
+                return len(calls["p"]) < self.iters if key == "p" else not prefill_done.is_set()
+            try:
+                torch.cuda.set_device(self.device)
+                with torch.inference_mode():
+                    while more():
+                        calls[key].append(_timed(fn, stream))
+                        stream.synchronize()
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+            finally:
+                if key == "p":
+                    prefill_done.set()
+
+        threads = [threading.Thread(target=loop, args=("d", d_fn, ds)),
+                   threading.Thread(target=loop, args=("p", p_fn, ps))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
         spans = {k: [(t0[k].elapsed_time(a), t0[k].elapsed_time(b)) for a, b in v] for k, v in calls.items()}
-        busy = {k: (min(a for a, _ in v), max(b for _, b in v)) for k, v in spans.items()}
+        return concurrent_medians(spans["p"], spans["d"])
 
-        def inside(k, other):
-            lo, hi = busy[other]
-            return [b - a for a, b in spans[k] if a >= lo and b <= hi]
 
-        p_in, d_in = inside("p", "d"), inside("d", "p")
-        return median(p_in), median(d_in), len(p_in), len(d_in)
+def concurrent_medians(prefill: list[tuple[float, float]], decode: list[tuple[float, float]]):
+    """From (start, end) spans on one clock: the median duration of each phase's calls that lay entirely inside
+    the other phase's busy window, and how many there were."""
+    def inside(spans, other):
+        if not spans or not other:
+            return []
+        lo, hi = min(a for a, _ in other), max(b for _, b in other)
+        return [b - a for a, b in spans if a >= lo and b <= hi]
+
+    p_in, d_in = inside(prefill, decode), inside(decode, prefill)
+    return median(p_in), median(d_in), len(p_in), len(d_in)
 
 
 def _timed(fn, stream):

@@ -62,6 +62,16 @@ def test_sweep_without_concurrency_leaves_the_column_empty(tmp_path):
     assert rows and all(r["with_other_ms"] is None and r["slowdown"] is None for r in rows)
 
 
+def test_concurrent_samples_are_only_calls_inside_the_other_phases_busy_window():
+    prefill = [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]
+    decode = [(-2.0, -1.0), (1.0, 2.0), (2.0, 4.0), (18.0, 19.0), (25.0, 31.0)]
+    p_ms, d_ms, p_n, d_n = sm_sweep.concurrent_medians(prefill, decode)
+    # decode was busy from -2 to 31, covering every prefill call; the first and last decode calls stick out
+    assert (p_ms, p_n) == (10.0, 3)
+    assert (d_ms, d_n) == (1.0, 3)
+    assert sm_sweep.concurrent_medians(prefill, []) == (None, None, 0, 0)
+
+
 def test_sweep_rejects_bad_numbers():
     with pytest.raises(SystemExit) as exc:
         sm_sweep.main(["--dry-run", "--iters", "0"])
