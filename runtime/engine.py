@@ -54,6 +54,10 @@ class Engine:
         self.metrics = EngineMetrics(self.model_name)
         self.partition = PartitionController(make_backend(config.partition_backend, self.runner.device),
                                              self.metrics, initial=config.sm_split)
+        if self.runner.device.type == "cuda" and config.cuda_graphs:
+            backend = self.partition.backend
+            self.runner.capture_decode_graphs([backend.streams(s)[1] for s in backend.splits.values()],
+                                              config.max_num_seqs)
         self._file_watcher = (PartitionFileWatcher(config.partition_file, self.partition)
                               if config.partition_file else None)
         self._lock = threading.Condition()          # guards the queues below and wakes idle workers
@@ -248,7 +252,7 @@ class Engine:
                 if seq.ready_event is not None:       # the prefill stream's work on this request is done
                     _wait_event(stream, seq.ready_event)
                     seq.ready_event = None
-            logits = self.runner.decode(batch)
+            logits = self.runner.decode(batch, stream)
             tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
         self.metrics.step("decode", time.monotonic() - started, len(batch))
         now = time.monotonic()

@@ -2,6 +2,7 @@
 
 One instance serves both workers concurrently: it keeps no per-step state, each call builds its own batch."""
 import logging
+import time
 
 import torch
 
@@ -68,9 +69,28 @@ class ModelRunner:
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         self.model.attach_kv_cache(self.k_caches, self.v_caches)
         self.block_manager = BlockManager(self.num_blocks, self.block_size)
+        self.decode_graphs: dict[tuple, DecodeGraph] = {}
         log.info("model %s on %s (%s, %s kernels); KV pool %d blocks x %d tokens (%.1f MiB)", config.model,
                  self.device, str(self.dtype).removeprefix("torch."), self.kernel_backend, self.num_blocks,
                  self.block_size, self.num_blocks * bytes_per_block / 2**20)
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, decode_streams: list, max_batch: int) -> None:
+        """One set of decode graphs per split, each captured on that split's decode stream: a graph keeps the SMs
+        of the stream it was captured on, whatever stream later replays it. Done once, at start-up."""
+        pool = torch.cuda.graph_pool_handle()
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= _bucket(max_batch)]
+        started = time.monotonic()
+        try:
+            for stream in {_stream_key(s): s for s in decode_streams}.values():
+                for size in sizes:
+                    self.decode_graphs[(_stream_key(stream), size)] = DecodeGraph(self, size, stream, pool)
+        except Exception as exc:  # an engine that decodes eagerly beats one that does not start
+            log.warning("decode CUDA graph capture failed, decoding eagerly: %s", exc)
+            self.decode_graphs.clear()
+            return
+        log.info("captured %d decode CUDA graphs (%d streams x batch sizes %s) in %.1fs", len(self.decode_graphs),
+                 len(self.decode_graphs) // max(1, len(sizes)), sizes, time.monotonic() - started)
 
     def _blocks_from_memory(self, amount: float, bytes_per_block: int) -> int:
         if self.device.type == "cuda" and amount <= 1.0:
@@ -112,8 +132,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence: its last token's KV goes into the cache, logits predict the next."""
+    def decode(self, seqs: list[Sequence], stream=None) -> torch.Tensor:
+        """One token for each sequence: its last token's KV goes into the cache, logits predict the next.
+        On CUDA this replays the graph captured for the current split's decode stream when there is one."""
+        graph = self.decode_graphs.get((_stream_key(stream), _bucket(len(seqs)))) if self.decode_graphs else None
+        if graph is not None:
+            return graph.replay(self, seqs)
+        return self._decode_eager(seqs)
+
+    def _decode_eager(self, seqs: list[Sequence]) -> torch.Tensor:
         bm = self.block_manager
         positions = [s.num_tokens - 1 for s in seqs]
         batch = ForwardBatch(
@@ -125,3 +152,56 @@ class ModelRunner:
             max_seqlen_k=max(positions) + 1, logits_indices=self._tensor(list(range(len(seqs))), torch.int64))
         hidden = self.model(batch)
         return self.model.compute_logits(hidden)
+
+
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+def _bucket(n: int) -> int:
+    return next((b for b in GRAPH_BATCH_SIZES if b >= n), n)
+
+
+def _stream_key(stream):
+    return None if stream is None else stream.cuda_stream
+
+
+class DecodeGraph:
+    """A decode step for up to `size` sequences, captured on one stream. Inputs live in static buffers; unused
+    rows have slot -1 (nothing stored) and length 0 (nothing attended)."""
+
+    def __init__(self, runner: ModelRunner, size: int, stream, pool):
+        dev = runner.device
+        width = -(-runner.max_model_len // runner.block_size)
+        self.size = size
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(size, width, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(size, dtype=torch.int32, device=dev)
+        self.batch = ForwardBatch(
+            input_ids=self.input_ids, positions=self.positions, is_prefill=False, slot_mapping=self.slot_mapping,
+            block_tables=self.block_tables, seq_lens=self.seq_lens,
+            cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32, device=dev), max_seqlen_q=1,
+            max_seqlen_k=runner.max_model_len, logits_indices=torch.arange(size, dtype=torch.int64, device=dev))
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            runner.model.compute_logits(runner.model(self.batch))       # warm-up: kernels compiled, autotuned
+        stream.synchronize()
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
+            self.logits = runner.model.compute_logits(runner.model(self.batch))
+
+    def replay(self, runner: ModelRunner, seqs: list[Sequence]) -> torch.Tensor:
+        bm, n = runner.block_manager, len(seqs)
+        positions = [s.num_tokens - 1 for s in seqs]
+        pad = self.size - n
+        tables = [s.block_table + [0] * (self.block_tables.shape[1] - len(s.block_table)) for s in seqs]
+        self.input_ids.copy_(torch.tensor([s.last_token_id for s in seqs] + [0] * pad), non_blocking=True)
+        self.positions.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping.copy_(torch.tensor([bm.slot(s, p) for s, p in zip(seqs, positions)] + [-1] * pad),
+                                non_blocking=True)
+        self.seq_lens.copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32),
+                            non_blocking=True)
+        self.block_tables[:n].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.block_tables[n:].zero_()
+        self.graph.replay()
+        return self.logits[:n]
