@@ -89,7 +89,8 @@ def measure_creation(device, splits: list[int] | None, repeats: int = 20) -> tup
     dev = _check(cu, cu.cuDeviceGet(device.index or 0))
     sm = cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
     res = _check(cu, cu.cuDeviceGetDevResource(dev, sm))
-    granularity = max(res.sm.smCoscheduledAlignment or 8, res.sm.minSmPartitionSize or 0)
+    # older bindings lack these fields; Hopper's documented default is groups of 8
+    granularity = max(getattr(res.sm, "smCoscheduledAlignment", 0) or 8, getattr(res.sm, "minSmPartitionSize", 0) or 0)
     wanted = splits or candidate_prefill_sms(res.sm.smCount, granularity)
     extra = _balanced_workqueue(cu, dev)
     rows = []
