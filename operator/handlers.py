@@ -14,7 +14,7 @@ import kopf
 import kubernetes.client
 
 from semipd.operator import names, reconcile
-from semipd.operator.kube import ApiError, Kube
+from semipd.operator.kube import ApiError, Kube, path
 
 log = logging.getLogger("semipd.operator")
 
@@ -25,6 +25,7 @@ class OperatorConfig:
     connection: kubernetes.client.Configuration
     status_interval: float = 30.0
     settings: reconcile.Settings = reconcile.Settings()
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
 
 
 class _Locks:
@@ -84,12 +85,15 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
 
     @kopf.on.startup(registry=registry)
     def check_crd(**_):
-        try:
-            cfg.kube.request("GET", f"/apis/{names.API_VERSION}/{names.PLURAL}", query={"limit": "1"})
-        except ApiError as e:
-            raise kopf.PermanentError(
-                f"cannot list {names.PLURAL}.{names.GROUP}: {e} (is crds/semipdservice.yaml applied, and does "
-                "the operator's RBAC allow it?)") from None
+        """Fail at start, saying why, rather than serve nothing: scanning is off, so a CRD that is missing
+        now would never be noticed later."""
+        for namespace in cfg.namespaces or (None,):
+            try:
+                cfg.kube.request("GET", path(names.API_VERSION, names.PLURAL, namespace), query={"limit": "1"})
+            except ApiError as e:
+                raise kopf.PermanentError(
+                    f"cannot list {names.PLURAL}.{names.GROUP}{f' in {namespace}' if namespace else ''}: {e} "
+                    "(is crds/semipdservice.yaml applied, and does the operator's RBAC allow it?)") from None
 
     @kopf.on.resume(**crd)
     @kopf.on.create(**crd)

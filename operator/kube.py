@@ -55,10 +55,10 @@ class Kube:
     timeout: float = 30.0
 
     def request(self, method: str, url_path: str, body=None, query: dict | None = None,
-                content_type: str = "application/json") -> dict:
+                content_type: str = "application/json", accept: str = "application/json") -> dict:
         if query:
             url_path += "?" + urllib.parse.urlencode(query)
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers = {"Accept": accept, "Content-Type": content_type}
         method, url, headers, body, _ = self.api.param_serialize(
             method=method, resource_path=url_path, header_params=headers, body=body, auth_settings=["BearerToken"])
         resp = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = handlers.OperatorConfig(
         kube=Kube(kubernetes.client.ApiClient(connection), field_manager=names.MANAGED_BY),
         connection=connection, status_interval=args.status_interval,
-        settings=reconcile.Settings(push_timeout=args.push_timeout))
+        settings=reconcile.Settings(push_timeout=args.push_timeout), namespaces=tuple(args.namespace))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, cfg)
     kopf.run(registry=registry, settings=operator_settings(level), standalone=True,

@@ -1,0 +1,443 @@
+"""The operator as a real process against a real kube-apiserver + etcd + kube-controller-manager.
+
+There is no kubelet: ReplicaSets create pods that stay Pending, and a FakeKubelet (named so) reports pods
+Ready where a test needs it. Every wait polls with a deadline; nothing sleeps and then asserts."""
+import base64
+import copy
+import uuid
+
+import pytest
+
+from semipd.operator import builders, crd, names, spec as specs
+from semipd.operator.kube import ApiError, Kube
+from semipd.operator.testing import FakeKubelet, OperatorProcess, free_port, poll
+
+pytestmark = pytest.mark.cluster
+
+WAIT = 90  # seconds: a bound for the operator and the controllers to act, not a performance claim
+GROUP_PATH = (names.API_VERSION, names.PLURAL)
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane) -> Kube:
+    control_plane.require_controllers()
+    k = Kube(control_plane.api_client())
+    crd.install(k)
+    return k
+
+
+@pytest.fixture
+def start_operator(control_plane, kube, namespace, tmp_path):
+    """Start (and restart) an operator that serves only this test's namespace; stop it at the end."""
+    procs = []
+
+    def start(**kwargs) -> OperatorProcess:
+        op = OperatorProcess(control_plane.kubeconfig, [namespace], tmp_path / "operator.log", **kwargs)
+        procs.append(op)
+        return op.start(timeout=WAIT)
+
+    yield start
+    for op in procs:
+        op.stop()
+    # With the operator gone nobody would remove kopf's finalizer, and the namespace could never go.
+    for item in kube.list(*GROUP_PATH, namespace):
+        kube.merge_patch(*GROUP_PATH, namespace, item["metadata"]["name"], {"metadata": {"finalizers": None}})
+
+
+@pytest.fixture
+def operator(start_operator) -> OperatorProcess:
+    return start_operator()
+
+
+def manifest(name: str, **spec) -> dict:
+    body = {"model": {"hostPath": "/srv/models/tiny"},
+            # Never pulled: there is no kubelet.
+            "engine": {"image": "registry.invalid/semipd:1.0", "port": free_port()},
+            "replicas": 1}
+    body.update(spec)
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": name}, "spec": body}
+
+
+def create(kube: Kube, namespace: str, obj: dict) -> dict:
+    obj = copy.deepcopy(obj)
+    obj["metadata"]["namespace"] = namespace
+    return kube.create(obj, names.PLURAL)
+
+
+def get_spd(kube, namespace, name) -> dict:
+    return kube.get(*GROUP_PATH, namespace, name)
+
+
+def patch_spec(kube, namespace, name, spec: dict) -> dict:
+    return kube.merge_patch(*GROUP_PATH, namespace, name, {"spec": spec})
+
+
+def deployment(kube, namespace, name):
+    return kube.get_or_none("apps/v1", "deployments", namespace, name)
+
+
+def ours(kube, api_version, plural, namespace, name) -> list[dict]:
+    return kube.list(api_version, plural, namespace, names.selector_string(name))
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def reconciled(kube, namespace, name):
+    """The object once the operator has reconciled its current generation."""
+    def check():
+        obj = get_spd(kube, namespace, name)
+        st = obj.get("status") or {}
+        return obj if st.get("observedGeneration") == obj["metadata"]["generation"] else None
+    return check
+
+
+def replica_sets(kube, namespace, name) -> list[dict]:
+    return ours(kube, "apps/v1", "replicasets", namespace, name)
+
+
+def live_pods(kube, namespace, name) -> list[dict]:
+    return [p for p in ours(kube, "v1", "pods", namespace, name) if not p["metadata"].get("deletionTimestamp")]
+
+
+def events(kube, namespace, name) -> list[dict]:
+    return [e for e in kube.list("v1", "events", namespace) if e["involvedObject"].get("name") == name
+            and e["involvedObject"].get("kind") == names.KIND]
+
+
+def owner_is(obj: dict, owner: dict) -> bool:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(r["uid"] == owner["metadata"]["uid"] and r.get("controller") and r["kind"] == names.KIND
+               for r in refs)
+
+
+def test_children_status_conditions_and_events(kube, namespace, operator):
+    m = manifest("chat", replicas=2, servedModelName="tiny-chat", slo={"ttftMs": 300, "tpotMs": 40},
+                 engine={"image": "registry.invalid/semipd:1.0", "port": free_port(), "args": ["--seed", "7"]})
+    created = create(kube, namespace, m)
+    spd = poll(reconciled(kube, namespace, "chat"), WAIT, what="observedGeneration == 1", log=operator.log)
+
+    dep = deployment(kube, namespace, "chat")
+    svc = kube.get("v1", "services", namespace, "chat")
+    secret = kube.get("v1", "secrets", namespace, "chat-admin-token")
+    for child in (dep, svc, secret):
+        assert owner_is(child, created), child["kind"]
+        assert child["metadata"]["labels"][names.MANAGED_BY_LABEL] == names.MANAGED_BY
+
+    parsed = specs.parse("chat", namespace, created["spec"])
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["semipd"] and c["args"] == builders.engine_args(parsed)
+    assert c["args"][-2:] == ["--seed", "7"] and "--served-model-name" in c["args"]
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert c["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["model"]["hostPath"]["path"] == "/srv/models/tiny"
+    assert "downwardAPI" in vols["podinfo"] and vols["admin-token"]["secret"]["secretName"] == "chat-admin-token"
+    assert dep["spec"]["replicas"] == 2
+    assert dep["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION] == spd["status"]["podTemplateHash"]
+    assert svc["spec"]["selector"] == {names.SERVICE_LABEL: "chat"}
+    assert len(base64.b64decode(secret["data"]["token"])) >= 32
+
+    # kopf keeps its state under semipd.io, never under its own domain or in status.
+    annotations = spd["metadata"].get("annotations") or {}
+    assert f"{names.GROUP}/last-handled-configuration" in annotations
+    assert not any(k.startswith("kopf.zalando.org") for k in annotations)
+    assert spd["metadata"]["finalizers"] == [names.FINALIZER] and "kopf" not in spd["status"]
+
+    st = spd["status"]
+    assert st["selector"] == "semipd.io/service=chat" and st["split"] == "prefill=0.5"
+    assert (condition(spd, "MetricsAvailable")["status"], condition(spd, "MetricsAvailable")["reason"]) == (
+        "False", "PrometheusNotConfigured")
+    assert (condition(spd, "SLOMet")["status"], condition(spd, "SLOMet")["reason"]) == ("Unknown", "NoMetrics")
+    assert condition(spd, "Ready")["status"] == "False"
+
+    # The controller-manager makes the pods; the operator annotates each with the split.
+    pods = poll(lambda: (p := live_pods(kube, namespace, "chat")) and len(p) == 2 and all(
+        (x["metadata"].get("annotations") or {}).get(names.SPLIT_ANNOTATION) == "prefill=0.5" for x in p) and p,
+        WAIT, what="2 annotated pods", log=operator.log)
+
+    kubelet = FakeKubelet(kube)
+    for p in pods:
+        kubelet.report_ready(namespace, p["metadata"]["name"])
+
+    def ready():
+        obj = get_spd(kube, namespace, "chat")
+        return obj if condition(obj, "Ready").get("reason") == "AllReplicasReady" else None
+    spd = poll(ready, WAIT, what="Ready=True", log=operator.log)
+    assert condition(spd, "Ready")["status"] == "True" and spd["status"]["readyReplicas"] == 2
+    assert condition(spd, "Progressing")["reason"] == "Complete"
+
+    # Nothing listens on the pods' admin port: the push fails, is recorded per pod, and is reported once.
+    def push_failed():
+        entries = get_spd(kube, namespace, "chat")["status"].get("pods") or []
+        return entries if len(entries) == 2 and all(e.get("lastError") for e in entries) else None
+    entries = poll(push_failed, WAIT, what="per-pod push errors in status", log=operator.log)
+    assert {e["name"] for e in entries} == {p["metadata"]["name"] for p in pods}
+    assert all(e["desired"] == "prefill=0.5" and "applied" not in e for e in entries)
+    assert all("/admin/partition" in e["lastError"] for e in entries)
+
+    reasons = poll(lambda: (r := {e["reason"] for e in events(kube, namespace, "chat")}) >= {
+        "Created", "PartitionPushFailed"} and r, WAIT, what="events", log=operator.log)
+    assert "Created" in reasons
+
+    # The printer columns render from the status (what `kubectl get spd` shows).
+    table = kube.request("GET", f"/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}/chat",
+                         accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    columns = [col["name"] for col in table["columnDefinitions"]]
+    row = dict(zip(columns, table["rows"][0]["cells"]))
+    assert (row["Ready"], row["Replicas"], row["Split"]) == ("True", 2, "prefill=0.5")
+
+
+BAD = {
+    "replicas and autoscaling": ({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
+                                 "spec.replicas and spec.autoscaling are mutually exclusive"),
+    "min above max": ({"replicas": None, "autoscaling": {"minReplicas": 4, "maxReplicas": 2}},
+                      "minReplicas must be less than or equal to maxReplicas"),
+    "split outside 0-1": ({"partition": {"initial": 1.5}}, "spec.partition.initial"),
+    "split bounds crossed": ({"partition": {"min": 0.7, "max": 0.3, "initial": 0.5}},
+                             "spec.partition.min must be less than or equal to spec.partition.max"),
+    "two model sources": ({"model": {"hostPath": "/a", "uri": "hf://org/model"}},
+                          "spec.model must set exactly one of: pvc, hostPath, imagePath, uri"),
+    "no model source": ({"model": {}}, "spec.model must set exactly one of"),
+    "no image": ({"engine": {"port": 8000}}, "spec.engine.image: Required value"),
+    "bad gpu resource name": ({"resources": {"gpuResourceName": "nvidia.com/gpu/extra"}},
+                              "spec.resources.gpuResourceName"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_manifests_are_rejected_with_readable_messages(kube, namespace, case):
+    change, message = BAD[case]
+    m = manifest(f"bad-{uuid.uuid4().hex[:6]}")
+    m["spec"].update(change)
+    m["spec"] = {k: v for k, v in m["spec"].items() if v is not None}
+    with pytest.raises(ApiError) as err:
+        create(kube, namespace, m)
+    assert err.value.status == 422, err.value
+    assert message in err.value.message, err.value.message
+
+
+def test_served_model_name_is_immutable(kube, namespace):
+    create(kube, namespace, manifest("named", servedModelName="a"))
+    with pytest.raises(ApiError) as err:
+        patch_spec(kube, namespace, "named", {"servedModelName": "b"})
+    assert err.value.status == 422 and "spec.servedModelName is immutable" in err.value.message
+    patch_spec(kube, namespace, "named", {"replicas": 3})  # other fields stay mutable
+
+
+def test_scale_subresource_changes_only_the_deployments_replicas(kube, namespace, operator):
+    create(kube, namespace, manifest("scaled"))
+    poll(reconciled(kube, namespace, "scaled"), WAIT, what="reconciled", log=operator.log)
+    before = deployment(kube, namespace, "scaled")
+    rs_before = poll(lambda: replica_sets(kube, namespace, "scaled"), WAIT, what="a ReplicaSet")
+    scale_path = f"/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}/scaled/scale"
+    scale = kube.request("GET", scale_path)
+    assert scale["spec"]["replicas"] == 1 and scale["status"]["selector"] == "semipd.io/service=scaled"
+    spec_before = get_spd(kube, namespace, "scaled")["spec"]
+
+    kube.request("PATCH", scale_path, body={"spec": {"replicas": 3}}, content_type="application/merge-patch+json")
+
+    after = poll(lambda: (d := deployment(kube, namespace, "scaled"))["spec"]["replicas"] == 3 and d,
+                 WAIT, what="Deployment replicas 3", log=operator.log)
+    assert after["spec"]["template"] == before["spec"]["template"]
+    assert (after["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION]
+            == before["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION])
+    assert after["spec"]["strategy"] == before["spec"]["strategy"]
+    assert [r["metadata"]["uid"] for r in replica_sets(kube, namespace, "scaled")] == [
+        r["metadata"]["uid"] for r in rs_before]
+    assert get_spd(kube, namespace, "scaled")["spec"] == {**spec_before, "replicas": 3}
+    poll(lambda: len(live_pods(kube, namespace, "scaled")) == 3, WAIT, what="3 pods")
+    obj = poll(lambda: (o := get_spd(kube, namespace, "scaled"))["status"].get("replicas") == 3 and o,
+               WAIT, what="status.replicas 3 (the scale subresource's current count)", log=operator.log)
+    assert kube.request("GET", scale_path)["status"]["replicas"] == 3
+    assert any(h["kind"] == "Scale" and (h["from"], h["to"]) == ("1", "3") for h in obj["status"]["history"])
+
+
+def test_split_change_annotates_pods_without_rolling(kube, namespace, operator):
+    create(kube, namespace, manifest("split", replicas=2))
+    poll(reconciled(kube, namespace, "split"), WAIT, what="reconciled", log=operator.log)
+
+    def annotated(value):
+        def check():
+            pods = live_pods(kube, namespace, "split")
+            return pods if len(pods) == 2 and all(
+                (p["metadata"].get("annotations") or {}).get(names.SPLIT_ANNOTATION) == value for p in pods) else None
+        return check
+    pods_before = poll(annotated("prefill=0.5"), WAIT, what="pods annotated prefill=0.5", log=operator.log)
+    dep_before = deployment(kube, namespace, "split")
+    rs_before = replica_sets(kube, namespace, "split")
+
+    patch_spec(kube, namespace, "split", {"partition": {"initial": 0.3}})
+
+    pods_after = poll(annotated("prefill=0.3"), WAIT, what="pods annotated prefill=0.3", log=operator.log)
+    assert sorted(p["metadata"]["uid"] for p in pods_after) == sorted(p["metadata"]["uid"] for p in pods_before)
+    obj = poll(reconciled(kube, namespace, "split"), WAIT, what="reconciled after the split change")
+    assert obj["status"]["split"] == "prefill=0.3"
+    poll(lambda: all(e["desired"] == "prefill=0.3" for e in get_spd(kube, namespace, "split")["status"]["pods"]),
+         WAIT, what="status.pods desired prefill=0.3")
+    dep_after = deployment(kube, namespace, "split")
+    # Not a single write to the Deployment's spec: same generation, same template, same ReplicaSet.
+    assert dep_after["metadata"]["generation"] == dep_before["metadata"]["generation"]
+    assert dep_after["spec"]["template"] == dep_before["spec"]["template"]
+    assert [r["metadata"]["uid"] for r in replica_sets(kube, namespace, "split")] == [
+        r["metadata"]["uid"] for r in rs_before]
+    assert any(h["kind"] == "Split" and (h["from"], h["to"]) == ("prefill=0.5", "prefill=0.3")
+               for h in obj["status"]["history"])
+    poll(lambda: any(e["reason"] == "SplitChanged" for e in events(kube, namespace, "split")), WAIT,
+         what="a SplitChanged event")
+
+
+def test_image_change_rolls_the_deployment(kube, namespace, operator):
+    create(kube, namespace, manifest("rolled"))
+    first = poll(reconciled(kube, namespace, "rolled"), WAIT, what="reconciled", log=operator.log)
+    poll(lambda: len(replica_sets(kube, namespace, "rolled")) == 1, WAIT, what="one ReplicaSet")
+
+    patch_spec(kube, namespace, "rolled", {"engine": {"image": "registry.invalid/semipd:1.1"}})
+
+    obj = poll(reconciled(kube, namespace, "rolled"), WAIT, what="reconciled after the image change",
+               log=operator.log)
+    dep = deployment(kube, namespace, "rolled")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.invalid/semipd:1.1"
+    assert dep["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION] == obj["status"]["podTemplateHash"]
+    assert obj["status"]["podTemplateHash"] != first["status"]["podTemplateHash"]
+    poll(lambda: len(replica_sets(kube, namespace, "rolled")) == 2, WAIT, what="a second ReplicaSet")
+    assert any(h["kind"] == "Rollout" for h in obj["status"]["history"])
+    # Old pods never turn into new ones here (no kubelet), so the rollout stays open, and Ready says so.
+    poll(lambda: condition(get_spd(kube, namespace, "rolled"), "Ready").get("reason") == "Updating", WAIT,
+         what="Ready=False Updating")
+
+
+def test_children_deleted_by_hand_come_back(kube, namespace, operator):
+    create(kube, namespace, manifest("phoenix"))
+    poll(reconciled(kube, namespace, "phoenix"), WAIT, what="reconciled", log=operator.log)
+    for api_version, plural, name in (("v1", "services", "phoenix"), ("apps/v1", "deployments", "phoenix"),
+                                      ("v1", "secrets", "phoenix-admin-token")):
+        old = kube.get(api_version, plural, namespace, name)
+        kube.delete(api_version, plural, namespace, name)
+
+        def back():
+            obj = kube.get_or_none(api_version, plural, namespace, name)
+            return obj if obj and obj["metadata"]["uid"] != old["metadata"]["uid"] else None
+        new = poll(back, WAIT, what=f"{plural}/{name} re-created", log=operator.log)
+        assert new["metadata"]["ownerReferences"] == old["metadata"]["ownerReferences"]
+
+
+def test_killing_the_operator_anywhere_converges_without_duplicates(kube, namespace, start_operator):
+    """SIGKILL at several points of the first reconcile (and once with a spec change while it is down); each
+    restart converges to one Deployment, one Service, one Secret (the same one), one ReplicaSet."""
+    points = {
+        "right after the object is created": lambda name: True,
+        "once the Secret exists": lambda name: kube.get_or_none("v1", "secrets", namespace, f"{name}-admin-token"),
+        "once the Deployment exists": lambda name: deployment(kube, namespace, name),
+    }
+    for i, (point, reached) in enumerate(points.items()):
+        name = f"crash{i}"
+        op = start_operator()
+        create(kube, namespace, manifest(name))
+        poll(lambda: reached(name), WAIT, what=point, log=op.log)
+        op.kill()
+        secret_before = kube.get_or_none("v1", "secrets", namespace, f"{name}-admin-token")
+        if i == 2:
+            patch_spec(kube, namespace, name, {"replicas": 2})  # a change while nobody watches
+        op = start_operator()
+        obj = poll(reconciled(kube, namespace, name), WAIT, what=f"convergence after a kill {point}", log=op.log)
+        want = 2 if i == 2 else 1
+        poll(lambda: deployment(kube, namespace, name)["spec"]["replicas"] == want, WAIT, what="replicas")
+        assert [d["metadata"]["name"] for d in ours(kube, "apps/v1", "deployments", namespace, name)] == [name]
+        assert [s["metadata"]["name"] for s in ours(kube, "v1", "services", namespace, name)] == [name]
+        secrets = ours(kube, "v1", "secrets", namespace, name)
+        assert [s["metadata"]["name"] for s in secrets] == [f"{name}-admin-token"]
+        if secret_before is not None:  # made once: never regenerated by a restart
+            assert secrets[0]["metadata"]["uid"] == secret_before["metadata"]["uid"]
+            assert secrets[0]["data"] == secret_before["data"]
+        assert len(replica_sets(kube, namespace, name)) == 1
+        assert obj["metadata"]["finalizers"] == [names.FINALIZER]
+        op.stop()
+
+
+def test_invalid_child_is_reported_once_and_not_retried(kube, namespace, operator):
+    """maxSurge 0 with maxUnavailable 0 passes the CRD but the Deployment API refuses it (422)."""
+    create(kube, namespace, manifest("stuck", rollout={"maxSurge": 0, "maxUnavailable": 0}))
+
+    def failed():
+        obj = get_spd(kube, namespace, "stuck")
+        return obj if condition(obj, "Progressing").get("reason") == "ApplyFailed" else None
+    obj = poll(failed, WAIT, what="Progressing=False ApplyFailed", log=operator.log)
+    assert condition(obj, "Progressing")["status"] == "False"
+    assert "maxUnavailable" in condition(obj, "Progressing")["message"]
+    assert (condition(obj, "Ready")["status"], condition(obj, "Ready")["reason"]) == ("False", "ApplyFailed")
+    assert "observedGeneration" not in obj["status"]
+    assert deployment(kube, namespace, "stuck") is None
+
+    # Let the status timer (every 2 s here) run several times: it must not try the same generation again.
+    ticks = operator.log().count("Timer 'refresh' succeeded")
+    poll(lambda: operator.log().count("Timer 'refresh' succeeded") >= ticks + 3, WAIT, what="3 more timer runs")
+    failures = [e for e in events(kube, namespace, "stuck") if e["reason"] == "ApplyFailed"]
+    assert len(failures) == 1 and failures[0]["type"] == "Warning"
+
+    patch_spec(kube, namespace, "stuck", {"rollout": {"maxSurge": 0, "maxUnavailable": 1}})
+    obj = poll(reconciled(kube, namespace, "stuck"), WAIT, what="reconciled once the spec is fixed",
+               log=operator.log)
+    assert obj["status"]["observedGeneration"] == 2
+    assert deployment(kube, namespace, "stuck")["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_a_foreign_child_is_not_taken_over(kube, namespace, operator):
+    owner = kube.create({"apiVersion": "v1", "kind": "ConfigMap",
+                         "metadata": {"name": "someone-else", "namespace": namespace}}, "configmaps")
+    foreign = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+        "name": "taken", "namespace": namespace, "ownerReferences": [{
+            "apiVersion": "v1", "kind": "ConfigMap", "name": "someone-else", "uid": owner["metadata"]["uid"],
+            "controller": True}]},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "other"}}, "template": {
+            "metadata": {"labels": {"app": "other"}},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/other:1"}]}}}}
+    kube.create(foreign, "deployments")
+    create(kube, namespace, manifest("taken"))
+
+    def failed():
+        obj = get_spd(kube, namespace, "taken")
+        return obj if condition(obj, "Progressing").get("reason") == "ApplyFailed" else None
+    obj = poll(failed, WAIT, what="ApplyFailed", log=operator.log)
+    assert "belongs to another owner" in condition(obj, "Progressing")["message"]
+    dep = deployment(kube, namespace, "taken")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.invalid/other:1"
+    assert [r["kind"] for r in dep["metadata"]["ownerReferences"]] == ["ConfigMap"]
+
+
+def test_a_users_admin_secret_is_used_as_is(kube, namespace, operator):
+    token = "my-own-admin-token"
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "byo-admin-token",
+                                                                     "namespace": namespace},
+                 "data": {"token": base64.b64encode(token.encode()).decode()}}, "secrets")
+    create(kube, namespace, manifest("byo"))
+    poll(reconciled(kube, namespace, "byo"), WAIT, what="reconciled", log=operator.log)
+    secret = kube.get("v1", "secrets", namespace, "byo-admin-token")
+    assert base64.b64decode(secret["data"]["token"]).decode() == token
+    assert token not in operator.log()  # the token is never logged
+
+
+def test_pod_monitor_where_its_crd_exists(kube, namespace, operator):
+    pm_crd = {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+        "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                 "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor",
+                           "listKind": "PodMonitorList"},
+                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                     "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+    kube.apply(pm_crd, "customresourcedefinitions")
+    try:
+        poll(lambda: kube.list("monitoring.coreos.com/v1", "podmonitors", namespace) is not None, WAIT,
+             what="PodMonitor API served")
+        spd = create(kube, namespace, manifest("watched"))
+        pm = poll(lambda: kube.get_or_none("monitoring.coreos.com/v1", "podmonitors", namespace, "watched"), WAIT,
+                  what="a PodMonitor", log=operator.log)
+        assert owner_is(pm, spd)
+        assert pm["spec"]["selector"] == {"matchLabels": {names.SERVICE_LABEL: "watched"}}
+        assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    finally:
+        kube.delete("apiextensions.k8s.io/v1", "customresourcedefinitions", None, "podmonitors.monitoring.coreos.com")
