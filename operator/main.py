@@ -52,6 +52,11 @@ def operator_settings(log_level: int) -> kopf.OperatorSettings:
     s.watching.server_timeout = 300
     s.watching.client_timeout = 330
     s.watching.connect_timeout = 30
+    # Children are watched only for the operator's own objects, filtered by the API server, not after the
+    # fact (kopf >= 1.45; older kopf still filters through the handlers' labels=).
+    if hasattr(s.watching, "label_selectors"):
+        for resource in (("apps", "v1", "deployments"), ("v1", "services"), ("v1", "pods")):
+            s.watching.label_selectors[resource] = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
     # The CRD must exist at start (checked); watching CRDs and namespaces would only need wider RBAC.
     s.scanning.disabled = True
     s.posting.level = max(log_level, logging.INFO)

@@ -1,0 +1,55 @@
+"""`semipd operator` wiring: kopf keeps its state under semipd.io, the CLI scopes namespaces, bad credentials
+are a clear error, and a rejected generation is not retried by background passes."""
+import kubernetes.client
+import pytest
+import yaml
+
+from semipd.operator import handlers, main, names
+
+pytestmark = pytest.mark.unit
+
+
+def test_kopf_settings_use_our_domain():
+    s = main.operator_settings(20)
+    assert s.persistence.finalizer == "semipd.io/finalizer"
+    assert s.persistence.progress_storage.prefix == "semipd.io"
+    assert s.persistence.diffbase_storage.prefix == "semipd.io"
+    assert s.scanning.disabled and s.watching.client_timeout and s.watching.server_timeout
+    assert s.posting.reporting_component == names.MANAGED_BY
+
+
+def test_cli_scopes():
+    assert main.parse_args([]).namespace == []
+    assert main.parse_args(["-n", "a", "--namespace", "b"]).namespace == ["a", "b"]
+    with pytest.raises(SystemExit):
+        main.parse_args(["-n", "a", "-A"])
+
+
+def test_unusable_credentials_are_a_clear_error(tmp_path, capsys):
+    assert main.main(["--kubeconfig", str(tmp_path / "missing")]) == 2
+    assert "cannot load cluster credentials" in capsys.readouterr().err
+
+
+def test_kopf_login_uses_the_same_credentials(tmp_path):
+    kubeconfig = tmp_path / "kc"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"token": "abc123"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    cfg = main.client_configuration(str(kubeconfig))
+    info = handlers.connection_info(cfg)
+    assert (info.server, info.scheme, info.token, info.insecure) == ("https://127.0.0.1:6443", "Bearer", "abc123",
+                                                                     True)
+    assert isinstance(cfg, kubernetes.client.Configuration)
+
+
+def test_only_a_failed_current_generation_is_skipped():
+    def body(generation, reason, seen):
+        return {"metadata": {"generation": generation}, "status": {"conditions": [
+            {"type": "Progressing", "status": "False", "reason": reason, "observedGeneration": seen}]}}
+    assert handlers.was_rejected(body(2, "ApplyFailed", 2))
+    assert handlers.was_rejected(body(2, "InvalidSpec", 2))
+    assert not handlers.was_rejected(body(3, "ApplyFailed", 2))   # the spec changed since: try it
+    assert not handlers.was_rejected(body(2, "Forbidden", 2))     # RBAC can be fixed without a spec change
+    assert not handlers.was_rejected(body(2, "Complete", 2))
