@@ -67,8 +67,10 @@ class Engine:
         self._running: list[Sequence] = []           # the decode batch
         self._by_id: dict[str, Sequence] = {}
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(self._prefill_step,), name="prefill", daemon=True),
-                         threading.Thread(target=self._loop, args=(self._decode_step,), name="decode", daemon=True)]
+        self._threads = [threading.Thread(target=self._loop, args=("prefill", self._prefill_step), name="prefill",
+                                          daemon=True),
+                         threading.Thread(target=self._loop, args=("decode", self._decode_step), name="decode",
+                                          daemon=True)]
         self.worker_error: BaseException | None = None
 
     # ---- public API -------------------------------------------------------------------------------------------
@@ -155,11 +157,12 @@ class Engine:
             return len(self._by_id)
 
     # ---- worker loops -----------------------------------------------------------------------------------------
-    def _loop(self, step: Callable[[], bool]):
+    def _loop(self, phase: str, step: Callable[[], bool]):
         try:
             with torch.inference_mode():
                 while not self._stop.is_set():
                     if not step():
+                        self.partition.idle(phase)
                         with self._lock:
                             self._lock.wait(0.05)
         except BaseException as exc:  # a dead worker must not leave clients hanging

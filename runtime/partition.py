@@ -85,7 +85,8 @@ class GreenContextBackend:
         self._cu = cu
         torch.cuda.init()
         torch.zeros(1, device=device)          # primary context first: green contexts retain it
-        ordinal = torch.device(device).index or 0
+        index = torch.device(device).index
+        ordinal = index if index is not None else torch.cuda.current_device()
         self._dev = self._check(cu.cuDeviceGet(ordinal))
         device_res = self._check(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         self.total_sms = device_res.sm.smCount
@@ -96,10 +97,15 @@ class GreenContextBackend:
         self.splits: dict[int, Split] = {}
         self._streams: dict[Split, tuple] = {}
         for want in candidate_prefill_sms(self.total_sms, self.granularity):
-            result, _, remainder = self._check(cu.cuDevSmResourceSplitByCount(1, device_res, 0, want))
+            result, groups, remainder = self._check(cu.cuDevSmResourceSplitByCount(1, device_res, 0, want))
+            if groups != 1:
+                log.warning("the driver cannot make a %d-SM prefill group; skipping that split", want)
+                continue
             prefill_ctx, prefill_stream, prefill_sms = self._context(result[0], device)
             decode_ctx, decode_stream, decode_sms = self._context(remainder, device)
             split = Split(prefill_sms, decode_sms)
+            if split in self._streams:
+                log.warning("prefill=%d rounds to the same split as another request (%s); keeping both", want, split)
             self.splits[want] = split
             self._streams[split] = (prefill_stream, decode_stream)
             self._keep += [prefill_ctx, decode_ctx]
@@ -252,18 +258,29 @@ class PartitionController:
     def begin_step(self, phase: str):
         """Called by a worker at the start of each iteration: the split and stream it must use for that step."""
         with self._lock:
-            split = self._split
-            self.applied[phase] = split
-            if phase in self._pending_phases:
-                self._pending_phases.discard(phase)
-                if not self._pending_phases:
-                    self.switches += 1
-                    if self.metrics is not None:
-                        self.metrics.partition_switched(time.monotonic() - self._switch_started)
+            split = self._adopt(phase)
             if self.history is not None:
                 self.history.append((phase, split))
         prefill_stream, decode_stream = self.backend.streams(split)
         return split, prefill_stream if phase == "prefill" else decode_stream
+
+    def idle(self, phase: str) -> None:
+        """A worker with nothing to do is at an iteration boundary too: its next step will use the new split, so
+        an idle phase must not hold a switch open (and inflate the switch latency) until work arrives."""
+        with self._lock:
+            if phase in self._pending_phases:
+                self._adopt(phase)
+
+    def _adopt(self, phase: str) -> Split:
+        split = self._split
+        self.applied[phase] = split
+        if phase in self._pending_phases:
+            self._pending_phases.discard(phase)
+            if not self._pending_phases:
+                self.switches += 1
+                if self.metrics is not None:
+                    self.metrics.partition_switched(time.monotonic() - self._switch_started)
+        return split
 
     def get(self) -> dict:
         with self._lock:

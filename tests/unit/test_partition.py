@@ -82,3 +82,14 @@ def test_last_writer_wins_and_is_reported(tmp_path):
     path.write_text("prefill=61")            # impossible: logged and ignored, never crashes the watcher
     watcher.poll()
     assert c.get()["prefill_sms"] == 32
+
+
+def test_an_idle_worker_does_not_hold_a_switch_open():
+    c = PartitionController(CpuBackend())
+    c.set("prefill=16", "cli")
+    c.begin_step("decode")
+    assert c.switches == 0
+    c.idle("prefill")                        # prefill has no work: it will use the new split when it has some
+    assert c.switches == 1 and c.get()["applied"]["prefill"] == 16
+    c.idle("prefill")
+    assert c.switches == 1                   # idling without a pending switch changes nothing
