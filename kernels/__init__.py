@@ -5,6 +5,9 @@ imports the Triton launchers, which need a GPU, or TRITON_INTERPRET=1 set before
 """
 from __future__ import annotations
 
+import functools
+import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +28,19 @@ class Ops:
     silu_and_mul: Callable
 
 
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _one_at_a_time(op: Callable) -> Callable:
+    """The Triton interpreter patches triton.language globally while a kernel runs, so two threads (the engine's
+    prefill and decode workers) must not interpret kernels at the same time. Compiled kernels need no lock."""
+    @functools.wraps(op)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return op(*args, **kwargs)
+    return locked
+
+
 def load_ops(backend: str) -> Ops:
     if backend == "torch":
         from semipd.kernels import reference as r
@@ -33,9 +49,11 @@ def load_ops(backend: str) -> Ops:
     if backend == "triton":
         # Imported here so the torch path works without triton and kernels are decorated only when asked for.
         from semipd.kernels import activation, decode_attention, kv_store, prefill_attention, rmsnorm, rotary
-        return Ops("triton", kv_store.store_kv, decode_attention.decode_attention,
-                   prefill_attention.prefill_attention, rmsnorm.rms_norm, rotary.rotary_embedding,
-                   activation.silu_and_mul)
+        ops = [kv_store.store_kv, decode_attention.decode_attention, prefill_attention.prefill_attention,
+               rmsnorm.rms_norm, rotary.rotary_embedding, activation.silu_and_mul]
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            ops = [_one_at_a_time(op) for op in ops]
+        return Ops("triton", *ops)
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

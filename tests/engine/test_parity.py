@@ -57,3 +57,18 @@ def test_greedy_matches_transformers_under_concurrency(request, start_server, re
         assert g == e, f"prompt {prompt!r}: server {g} != transformers {e}"
     assert read_metric(server, "vllm:num_preemptions_total") > 0, "the KV pool was meant to force preemption"
     assert read_metric(server, "vllm:prompt_tokens_total") >= sum(len(p.split()) for p in prompts)
+
+
+def test_greedy_matches_transformers_with_triton_kernels(start_server, tiny_llama_dir, read_metric):
+    """The engine's other kernel path: the Triton kernels (here under TRITON_INTERPRET=1, which tests/conftest.py
+    sets without a GPU and the server process inherits) give the same tokens as transformers."""
+    import os
+    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    from transformers import AutoTokenizer
+    prompts = make_prompts(AutoTokenizer.from_pretrained(tiny_llama_dir), n=4, seed=1)
+    expected = reference(tiny_llama_dir, prompts)
+    server = start_server("--kernel-backend", "triton", "--max-num-batched-tokens", "24", "--max-model-len", "256")
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: complete(server.url, p), prompts))
+    assert got == expected
+    assert "triton kernels" in server.log()
