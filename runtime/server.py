@@ -31,7 +31,7 @@ from semipd.runtime.protocol import (
 log = logging.getLogger("semipd.server")
 
 RETRY_AFTER_S = 1                 # what a full queue tells clients; the queue drains within a few steps
-DISCONNECT_POLL_S = 0.25          # how often a request not yet streaming checks for a vanished client
+DISCONNECT_POLL_S = 0.1           # how often a request not yet streaming checks for a vanished client
 SHUTDOWN_CANCEL_S = 2.0           # after the grace period, how long uvicorn waits before cancelling requests
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -214,7 +214,8 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     # --- operations -----------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        if drain.draining:
+        # a dead worker thread means no request can finish: let the orchestrator restart the pod
+        if drain.draining or getattr(engine, "worker_error", None) is not None:
             return Response(status_code=503)
         return Response(status_code=200)
 

@@ -7,7 +7,7 @@
 
 `start_server` (per test) and `start_server_module` (per module) take the serve flags; `--model` defaults to the
 tiny llama and `--port` to a free port. Every server is stopped (SIGTERM, then SIGKILL) when its scope ends.
-`default_server` is one shared server for tests that need no special flags.
+`default_server` is one shared server (max_model_len 2048) for tests that need no special flags.
 """
 import json
 import os
@@ -27,6 +27,7 @@ from semipd.runtime.tiny_model import write_tiny_model
 
 START_TIMEOUT_S = 180.0       # model load + torch import on a busy 2-core machine
 DEFAULT_MAX_MODEL_LEN = 512   # small context so "too long" cases stay cheap
+SHARED_MAX_MODEL_LEN = 2048   # default_server: room for requests long enough to be cut short visibly
 
 
 @dataclass
@@ -128,7 +129,7 @@ def start_server_module(tiny_llama_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_server(tiny_llama_dir, tmp_path_factory) -> Server:
     launcher = _Launcher(tiny_llama_dir, tmp_path_factory.mktemp("server"))
-    server = launcher()
+    server = launcher("--max-model-len", str(SHARED_MAX_MODEL_LEN))
     yield server
     launcher.stop_all()
 

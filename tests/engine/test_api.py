@@ -9,7 +9,7 @@ from semipd.runtime.protocol import COMPLETION_DEFAULT_MAX_TOKENS
 
 pytestmark = pytest.mark.engine
 
-MAX_MODEL_LEN = 512  # conftest's default --max-model-len
+MAX_MODEL_LEN = 2048  # default_server's --max-model-len
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +94,13 @@ def test_completion_default_length_is_openais_16(default_server):
     assert body["choices"][0]["finish_reason"] == "length"
 
 
-def test_chat_default_length_fills_the_context(client, tiny_llama_dir):
-    out = client.chat.completions.create(model=tiny_llama_dir.name, messages=[{"role": "user", "content": "Hi"}],
+def test_chat_default_length_fills_the_context(client, tiny_llama_dir, tokenizer):
+    # a prompt that leaves ~64 tokens, so filling the context stays quick
+    per_word = len(tokenizer("word " * 100, add_special_tokens=False).input_ids) / 100
+    content = "word " * int((MAX_MODEL_LEN - 100) / per_word)
+    out = client.chat.completions.create(model=tiny_llama_dir.name, messages=[{"role": "user", "content": content}],
                                          temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens > 1
     assert out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens + out.usage.completion_tokens == MAX_MODEL_LEN
 

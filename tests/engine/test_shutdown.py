@@ -82,8 +82,3 @@ def test_grace_period_ends_long_requests_and_exits_zero(start_server):
     assert "[DONE]" not in stream.events          # cut short, not completed
     assert "grace period over" in server.log()
 
-
-def test_idle_server_exits_zero_on_sigterm(start_server):
-    server = start_server()
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(60) == 0, server.log()

@@ -91,7 +91,7 @@ def wait_until_idle(server, read_metric, deadline_s=60.0):
 def test_disconnect_mid_stream_frees_blocks(default_server, read_sse, read_metric):
     assert wait_until_idle(default_server, read_metric) == (0, 0.0)
     tokens_before = read_metric(default_server, "vllm:generation_tokens_total")
-    max_tokens = 480
+    max_tokens = 2000
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", default_server.url + "/v1/completions",
                            json=dict(prompt="a long story", max_tokens=max_tokens, ignore_eos=True,
@@ -113,10 +113,10 @@ def test_disconnect_mid_stream_frees_blocks(default_server, read_sse, read_metri
 def test_disconnect_while_waiting_for_a_full_response_frees_blocks(default_server, read_metric):
     assert wait_until_idle(default_server, read_metric) == (0, 0.0)
     tokens_before = read_metric(default_server, "vllm:generation_tokens_total")
-    max_tokens = 480
+    max_tokens = 2000
     with pytest.raises(httpx.ReadTimeout):
-        # the client gives up long before 480 tokens are done; the server must notice and stop
-        httpx.post(default_server.url + "/v1/completions", timeout=httpx.Timeout(10, read=0.3),
+        # the client gives up long before 2000 tokens are done; the server must notice and stop
+        httpx.post(default_server.url + "/v1/completions", timeout=httpx.Timeout(10, read=0.2),
                    json=dict(prompt="another long story", max_tokens=max_tokens, ignore_eos=True))
     assert wait_until_idle(default_server, read_metric) == (0, 0.0)
     generated = read_metric(default_server, "vllm:generation_tokens_total") - tokens_before
