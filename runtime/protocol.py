@@ -126,8 +126,8 @@ class _Common(BaseModel):
     def _neutral_and_stream(self):
         for name, allowed in NEUTRAL_VALUES.items():
             value = getattr(self, name)
-            # `x in allowed` would treat True == 1 as neutral; compare type-aware.
-            if not any(value == a and type(value) is type(a) for a in allowed if a is not None) and value is not None:
+            # `value in allowed` would take True for 1 and 1 for True; compare type-aware.
+            if value is not None and not any(type(value) is type(a) and value == a for a in allowed):
                 raise ValueError(f"{name}: {json.dumps(value)[:60]} is not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
