@@ -50,7 +50,7 @@ def helm() -> str:
 
 
 def render(*values: str) -> list[dict]:
-    out = subprocess.run([helm(), "template", "rel", str(CHART), "--namespace", "ops", *values],
+    out = subprocess.run([helm(), "template", "rel", str(CHART), "--namespace", "ops", "--kube-version", "1.31.0", *values],
                          check=True, capture_output=True, text=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -80,7 +80,8 @@ def test_templates_render_namespaced_without_podmonitors():
     assert "--namespace=a" in args and "--namespace=b" in args and "--all-namespaces" not in args
     example = next(d for d in docs if d["kind"] == "SemiPDService")
     assert example["spec"]["model"] == {"imagePath": "/models/tiny-llama"}
-    assert example["spec"]["resources"]["gpus"] == 0
+    assert example["spec"]["resources"]["gpus"] == 0 and example["spec"]["partition"]["backend"] == "cpu"
+    assert example["metadata"]["labels"]["app.kubernetes.io/component"] == "example"
 
 
 def test_lint():

@@ -34,8 +34,8 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "semipd.rules" -}}
-{{ .Files.Get "files/rbac-rules.yaml" }}
+{{ .Files.Get "files/rbac-rules.yaml" | trim }}
 {{- if .Values.rbac.podMonitors }}
-{{ .Files.Get "files/rbac-podmonitors.yaml" }}
+{{ .Files.Get "files/rbac-podmonitors.yaml" | trim }}
 {{- end }}
 {{- end -}}
