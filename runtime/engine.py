@@ -60,7 +60,7 @@ class Engine:
                                               config.max_num_seqs)
         self._file_watcher = (PartitionFileWatcher(config.partition_file, self.partition)
                               if config.partition_file else None)
-        self._lock = threading.Condition()          # guards the queues below and wakes idle workers
+        self._lock = threading.Condition(threading.RLock())   # guards the queues below, wakes idle workers
         self._waiting: deque[Sequence] = deque()     # not yet prefilled (FCFS; preempted requests go first)
         self._prefilling: list[Sequence] = []        # admitted, prompt partly computed (chunked prefill)
         self._handoff: deque[Sequence] = deque()     # prefilled, waiting for a decode slot
@@ -352,6 +352,7 @@ class Engine:
             if len(seq.output_token_ids) > 1:
                 self.metrics.tpot.observe((now - seq.first_token_time) / (len(seq.output_token_ids) - 1))
         self._emit(seq, finished=True)
+        self._update_gauges()      # a purge of aborted requests can leave an empty batch: no step would update them
 
     def _update_gauges(self):
         with self._lock:
