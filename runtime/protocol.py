@@ -80,6 +80,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None                     # accepted and ignored
+    return_token_ids: bool = False              # vLLM extension: token ids beside the text (non-streaming)
 
     # Unimplemented features, accepted only at NEUTRAL_VALUES.
     presence_penalty: Any = None
@@ -310,7 +311,8 @@ class ResponseShape:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return self._head(obj) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
+    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
+             token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": finish_reason}
@@ -318,6 +320,8 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
+        if token_ids is not None:
+            choice |= {"token_ids": token_ids, "prompt_token_ids": prompt_token_ids}
         return self._head(obj) | {"choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
 
 

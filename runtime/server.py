@@ -161,7 +161,9 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         result = await until_disconnect(request, collect(outputs))
         if result is None:
             return Response(status_code=499)
-        text, finish, prompt_tokens, completion_tokens = result
+        text, token_ids, finish, prompt_tokens, completion_tokens = result
+        if req.return_token_ids:
+            return shape.full(text, finish, prompt_tokens, completion_tokens, token_ids, ids)
         return shape.full(text, finish, prompt_tokens, completion_tokens)
 
     async def until_disconnect(request: Request, coro):
@@ -186,12 +188,13 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         return await anext(outputs, None)
 
     async def collect(outputs):
-        parts, last = [], None
+        parts, token_ids, last = [], [], None
         async for last in outputs:
             parts.append(last.text)
+            token_ids += last.token_ids
         if last is None:
-            return "", "abort", 0, 0
-        return "".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens
+            return "", [], "abort", 0, 0
+        return "".join(parts), token_ids, last.finish_reason, last.prompt_tokens, last.completion_tokens
 
     async def stream(shape: ResponseShape, first, outputs):
         # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)

@@ -1,5 +1,6 @@
-"""Greedy output over HTTP equals transformers `generate`, for many prompts sent at once, so batching, chunked
-prefill, the prefill->decode handoff and preemption-with-recompute are all on the path."""
+"""Greedy output over HTTP equals transformers `generate` token for token (and so in text), for many prompts sent
+at once, so batching, chunked prefill, the prefill->decode handoff and preemption-with-recompute are all on the
+path."""
 import concurrent.futures as cf
 import random
 
@@ -30,16 +31,17 @@ def reference(model_dir, prompts):
         ids = tok(p, return_tensors="pt").input_ids
         gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
         new = gen[0, ids.shape[1]:].tolist()
-        out.append((tok.decode(new, skip_special_tokens=True), len(new)))
+        out.append((new, tok.decode(new, skip_special_tokens=True)))
     return out
 
 
 def complete(url, prompt):
     r = httpx.post(url + "/v1/completions", timeout=300,
-                   json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+                   json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True})
     r.raise_for_status()
-    body = r.json()
-    return body["choices"][0]["text"], body["usage"]["completion_tokens"]
+    choice = r.json()["choices"][0]
+    assert r.json()["usage"]["completion_tokens"] == len(choice["token_ids"])
+    return choice["token_ids"], choice["text"]
 
 
 @pytest.mark.parametrize("arch_fixture", ["tiny_llama_dir", "tiny_qwen3_dir"])
