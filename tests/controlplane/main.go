@@ -111,9 +111,14 @@ func run(o options) error {
 		return err
 	}
 
+	// A signal before "ready" exits at once, without a graceful stop: kube-apiserver aborts the whole
+	// process (a fatal post-start hook) when stopped half-started, and the data is throwaway anyway.
 	readyCtx, cancelReady := context.WithTimeout(ctx, o.readyTimeout)
 	defer cancelReady()
 	if err := waitAPIServerReady(readyCtx, server, pki, apiDone); err != nil {
+		if ctx.Err() != nil {
+			return nil // signalled while starting: exit at once (see above)
+		}
 		return shutdown(err, nil, stopAPI, apiDone)
 	}
 
@@ -124,6 +129,9 @@ func run(o options) error {
 		return shutdown(fmt.Errorf("kube-controller-manager: %w", err), nil, stopAPI, apiDone)
 	}
 	if err := waitControllersWorking(readyCtx, o.kubeconfigOut, kcmDone); err != nil {
+		if ctx.Err() != nil {
+			return nil // signalled while starting: exit at once (see above)
+		}
 		return shutdown(err, stopKCM, stopAPI, apiDone, kcmDone)
 	}
 
