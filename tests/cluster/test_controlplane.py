@@ -83,31 +83,59 @@ def crd(group, plural, kind):
     )
 
 
-def test_crd_becomes_established_and_serves_custom_objects(control_plane, namespace):
-    api = control_plane.api_client()
-    ext, custom = client.ApiextensionsV1Api(api), client.CustomObjectsApi(api)
-    group, plural = "harness.test.semipd.io", "widgets"
-    ext.create_custom_resource_definition(crd(group, plural, "Widget"))
+GROUP, PLURAL = "harness.test.semipd.io", "widgets"
+
+
+@pytest.fixture(scope="module")
+def widget_crd(control_plane):
+    """A namespaced CRD Widget (spec.size >= 1), Established, deleted after the module."""
+    ext = client.ApiextensionsV1Api(control_plane.api_client())
+    name = f"{PLURAL}.{GROUP}"
+    ext.create_custom_resource_definition(crd(GROUP, PLURAL, "Widget"))
+
+    def established():
+        conds = ext.read_custom_resource_definition(name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conds)
+
     try:
-        def established():
-            conds = ext.read_custom_resource_definition(f"{plural}.{group}").status.conditions or []
-            return any(c.type == "Established" and c.status == "True" for c in conds)
-
         eventually("the CRD to become Established", established)
-        body = {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 3}}
-        # Discovery can lag Established by a moment; the create is what must eventually work.
-        eventually("creating a Widget", lambda: _try(lambda: custom.create_namespaced_custom_object(
-            group, "v1", namespace, plural, body)))
-        got = custom.get_namespaced_custom_object(group, "v1", namespace, plural, "w1")
-        assert got["spec"] == {"size": 3}
-        assert got["metadata"]["uid"]
-
-        bad = {**body, "metadata": {"name": "w2"}, "spec": {"size": 0}}
-        with pytest.raises(ApiException) as e:
-            custom.create_namespaced_custom_object(group, "v1", namespace, plural, bad)
-        assert e.value.status == 422, "the CRD's OpenAPI schema (minimum: 1) must be enforced"
+        yield name
     finally:
-        ext.delete_custom_resource_definition(f"{plural}.{group}")
+        ext.delete_custom_resource_definition(name)
+
+
+def create_widget(custom, namespace, name, size):
+    body = {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": name}, "spec": {"size": size}}
+    return custom.create_namespaced_custom_object(GROUP, "v1", namespace, PLURAL, body)
+
+
+def test_crd_becomes_established_and_serves_custom_objects(control_plane, namespace, widget_crd):
+    custom = client.CustomObjectsApi(control_plane.api_client())
+    # Serving can lag the Established condition by a moment; the create is what must eventually work.
+    eventually("creating a Widget", lambda: _try(lambda: create_widget(custom, namespace, "w1", 3)))
+    got = custom.get_namespaced_custom_object(GROUP, "v1", namespace, PLURAL, "w1")
+    assert got["spec"] == {"size": 3}
+    assert got["metadata"]["uid"]
+
+    with pytest.raises(ApiException) as e:
+        create_widget(custom, namespace, "w2", 0)
+    assert e.value.status == 422, "the CRD's OpenAPI schema (minimum: 1) must be enforced"
+
+
+def test_garbage_collection_follows_owner_references_to_custom_objects(control_plane, namespace, widget_crd):
+    # The operator relies on exactly this: its children are owned by a custom resource.
+    control_plane.require_controllers()
+    api = control_plane.api_client()
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    owner = eventually("creating a Widget", lambda: _try(lambda: create_widget(custom, namespace, "owner", 1)))
+    ref = client.V1OwnerReference(api_version=f"{GROUP}/v1", kind="Widget", name="owner",
+                                  uid=owner["metadata"]["uid"], controller=True, block_owner_deletion=True)
+    core.create_namespaced_config_map(namespace, client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name="child", owner_references=[ref]), data={"k": "v"}))
+
+    custom.delete_namespaced_custom_object(GROUP, "v1", namespace, PLURAL, "owner")
+    eventually("the owned ConfigMap to be garbage-collected",
+               lambda: not _try(lambda: core.read_namespaced_config_map("child", namespace)))
 
 
 def _try(fn):
