@@ -79,11 +79,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 return
             reconcile.reconcile(cfg.kube, body, cfg.settings, _emitter(body))
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(registry=registry, id="login")
     def login(**_):
         return connection_info(cfg.connection)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, id="check-crd")
     def check_crd(**_):
         """Fail at start, saying why, rather than serve nothing: scanning is off, so a CRD that is missing
         now would never be noticed later."""
@@ -95,9 +95,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                     f"cannot list {names.PLURAL}.{names.GROUP}{f' in {namespace}' if namespace else ''}: {e} "
                     "(is crds/semipdservice.yaml applied, and does the operator's RBAC allow it?)") from None
 
-    @kopf.on.resume(**crd)
-    @kopf.on.create(**crd)
-    @kopf.on.update(**crd)
+    @kopf.on.resume(**crd, id="reconcile")
+    @kopf.on.create(**crd, id="reconcile")
+    @kopf.on.update(**crd, id="reconcile")
     def reconcile_service(namespace, name, **_):
         try:
             run(namespace, name, skip_rejected=False)
@@ -106,13 +106,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         except reconcile.Retry as e:
             raise kopf.TemporaryError(str(e), delay=e.delay) from None
 
-    @kopf.timer(**crd, interval=cfg.status_interval, initial_delay=cfg.status_interval)
+    @kopf.timer(**crd, id="refresh", interval=cfg.status_interval, initial_delay=cfg.status_interval)
     def refresh(namespace, name, **_):
         _quietly(run, namespace, name, skip_rejected=True)
 
-    @kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)
-    @kopf.on.event("v1", "services", labels=ours, registry=registry)
-    @kopf.on.event("v1", "pods", labels=ours, registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", id="child", labels=ours, registry=registry)
+    @kopf.on.event("v1", "services", id="child", labels=ours, registry=registry)
+    @kopf.on.event("v1", "pods", id="child", labels=ours, registry=registry)
     def child_changed(event, body, namespace, **_):
         if event.get("type") is None:
             return  # the initial listing: resume handlers already reconcile every service at start
