@@ -57,8 +57,7 @@ def _rollout(obs: Observed) -> tuple[str, str, str] | None:
             return FALSE, "ProgressDeadlineExceeded", c.get("message") or "the rollout made no progress in time"
     # Old-template pods remain (or the controller has not seen the new spec yet, so its counts are stale).
     # Pods that do not exist yet make a scale-up, not a rollout.
-    if (st.get("observedGeneration", 0) < generation
-            or st.get("updatedReplicas", 0) < min(want, st.get("replicas", 0))):
+    if st.get("observedGeneration", 0) < generation or st.get("updatedReplicas", 0) < st.get("replicas", 0):
         return TRUE, "RollingUpdate", f"{st.get('updatedReplicas', 0)}/{want} pods run the current template"
     if st.get("replicas", 0) != want:
         return TRUE, "Scaling", f"{st.get('replicas', 0)} pods exist, {want} wanted"

@@ -29,6 +29,7 @@ def test_all_ready():
     (dep(updated=1), 2, ("False", "Updating"), ("True", "RollingUpdate")),
     (dep(replicas=2), 3, ("False", "ReplicasNotReady"), ("True", "Scaling")),
     ({**dep(replicas=3, ready=2, updated=1)}, 2, ("False", "Updating"), ("True", "RollingUpdate")),
+    (dep(replicas=2, ready=1, updated=1), 1, ("False", "Updating"), ("True", "RollingUpdate")),  # a surge pod
     (dep(replicas=3, ready=3, updated=3), 2, ("True", "AllReplicasReady"), ("True", "Scaling")),
     (dep(replicas=0, ready=0, updated=0), 0, ("False", "ScaledToZero"), ("False", "Complete")),
     (dep(ready=1, conds=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
