@@ -441,3 +441,25 @@ def test_pod_monitor_where_its_crd_exists(kube, namespace, operator):
         assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "http"
     finally:
         kube.delete("apiextensions.k8s.io/v1", "customresourcedefinitions", None, "podmonitors.monitoring.coreos.com")
+
+
+def test_a_409_from_a_concurrent_secret_creation_is_resolved(kube, namespace):
+    """Two passes race to create the admin Secret: the loser gets the API server's real 409 AlreadyExists and
+    must use the winner's token, not fail and not overwrite it. The race window is forced by hiding the
+    Secret from the loser's first read."""
+    from semipd.operator import reconcile
+
+    owner = create(kube, namespace, manifest("race"))
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "race-admin-token",
+                                                                     "namespace": namespace},
+                 "data": {"token": base64.b64encode(b"winner").decode()}}, "secrets")
+
+    class Loser(Kube):
+        def get_or_none(self, api_version, plural, ns, name):
+            return None if plural == "secrets" else super().get_or_none(api_version, plural, ns, name)
+
+    emitted = []
+    token = reconcile.ensure_secret(Loser(kube.api), specs.parse("race", namespace, owner["spec"]), owner,
+                                    lambda *a, **k: emitted.append(a))
+    assert token == "winner" and emitted == []
+    assert base64.b64decode(kube.get("v1", "secrets", namespace, "race-admin-token")["data"]["token"]) == b"winner"
