@@ -6,6 +6,7 @@ import sys
 import kopf
 import kubernetes.client
 import kubernetes.config
+from kopf._core.engines.activities import ActivityError  # not re-exported by kopf
 
 from semipd.operator import handlers, names, reconcile
 from semipd.operator.kube import Kube
@@ -82,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         settings=reconcile.Settings(push_timeout=args.push_timeout), namespaces=tuple(args.namespace))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, cfg)
-    kopf.run(registry=registry, settings=operator_settings(level), standalone=True,
-             clusterwide=not args.namespace, namespaces=args.namespace, liveness_endpoint=args.liveness)
+    try:
+        kopf.run(registry=registry, settings=operator_settings(level), standalone=True,
+                 clusterwide=not args.namespace, namespaces=args.namespace, liveness_endpoint=args.liveness)
+    except ActivityError as e:
+        # A start-up check failed; kopf has logged which and why. Exit plainly instead of with a traceback.
+        print(f"semipd operator: start-up failed: {e.__cause__ or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -118,3 +118,23 @@ def test_operator_works_under_the_charts_rbac(control_plane, namespace, tmp_path
         if clusterwide:
             admin.delete(RBAC, "clusterrolebindings", None, role_name)
             admin.delete(RBAC, "clusterroles", None, role_name)
+
+
+def test_without_rights_the_operator_stops_at_start_saying_why(control_plane, namespace, tmp_path):
+    """A ServiceAccount with no role: the start-up check fails loudly instead of serving nothing."""
+    admin = Kube(control_plane.api_client())
+    crd.install(admin)
+    admin.create({"apiVersion": "v1", "kind": "ServiceAccount",
+                  "metadata": {"name": "nobody", "namespace": namespace}}, "serviceaccounts")
+    token = admin.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/nobody/token",
+                          body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                "spec": {"expirationSeconds": 600}})["status"]["token"]
+    kubeconfig = service_account_kubeconfig(control_plane.kubeconfig, token, tmp_path / "nobody.kubeconfig")
+    op = OperatorProcess(kubeconfig, [namespace], tmp_path / "operator.log").start(wait=False)
+    try:
+        code = op.proc.wait(timeout=WAIT)
+    finally:
+        op.stop()
+    assert code == 1 and "Traceback" not in op.log().split("Activity 'check-crd' failed permanently")[-1]
+    assert f"cannot list semipdservices.semipd.io in {namespace}" in op.log()
+    assert "RBAC" in op.log()
