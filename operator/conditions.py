@@ -2,9 +2,9 @@
 
 Reasons (the API; docs/operator.md lists them):
   Ready:            AllReplicasReady | ReplicasNotReady | Updating | DeploymentMissing | ScaledToZero | ApplyFailed
-                    | InvalidSpec
+                    | InvalidSpec | Forbidden
   Progressing:      Creating | RollingUpdate | Scaling | WaitingForPods | Complete | ProgressDeadlineExceeded
-                    | ApplyFailed | InvalidSpec
+                    | ApplyFailed | InvalidSpec | Forbidden
   MetricsAvailable: PrometheusNotConfigured | NotQueried | QueryFailed | QuerySucceeded
   SLOMet:           NoMetrics | NoTargets | WithinTargets | TTFTAboveTarget | TPOTAboveTarget
 """

@@ -463,3 +463,18 @@ def test_a_409_from_a_concurrent_secret_creation_is_resolved(kube, namespace):
                                     lambda *a, **k: emitted.append(a))
     assert token == "winner" and emitted == []
     assert base64.b64decode(kube.get("v1", "secrets", namespace, "race-admin-token")["data"]["token"]) == b"winner"
+
+
+def test_deleting_the_service_lets_go_and_garbage_collection_removes_children(kube, namespace, operator):
+    create(kube, namespace, manifest("gone"))
+    poll(reconciled(kube, namespace, "gone"), WAIT, what="reconciled", log=operator.log)
+    kube.delete(*GROUP_PATH, namespace, "gone")
+    # kopf's finalizer is released by the running operator, so the object really goes ...
+    poll(lambda: kube.get_or_none(*GROUP_PATH, namespace, "gone") is None, WAIT, what="the object deleted",
+         log=operator.log)
+    # ... and its children follow through their owner references (no deletion code in the operator). The
+    # garbage collector notices a CRD installed moments ago only at its next discovery resync (30 s), hence
+    # the longer bound.
+    for api_version, plural in (("apps/v1", "deployments"), ("v1", "services"), ("v1", "secrets")):
+        poll(lambda: ours(kube, api_version, plural, namespace, "gone") == [], 3 * WAIT,
+             what=f"{plural} garbage-collected")
