@@ -2,9 +2,9 @@
 
 Reasons (the API; docs/operator.md lists them):
   Ready:            AllReplicasReady | ReplicasNotReady | Updating | DeploymentMissing | ScaledToZero | ApplyFailed
-                    | InvalidSpec | Forbidden
+                    | InvalidSpec | Forbidden | Conflict
   Progressing:      Creating | RollingUpdate | Scaling | WaitingForPods | Complete | ProgressDeadlineExceeded
-                    | ApplyFailed | InvalidSpec | Forbidden
+                    | ApplyFailed | InvalidSpec | Forbidden | Conflict
   MetricsAvailable: PrometheusNotConfigured | NotQueried | QueryFailed | QuerySucceeded
   SLOMet:           NoMetrics | NoTargets | WithinTargets | TTFTAboveTarget | TPOTAboveTarget
 """

@@ -25,7 +25,13 @@ class Settings:
 
 
 class Rejected(Exception):
-    """The spec cannot be turned into children the API server accepts. Retrying cannot help; a spec change can."""
+    """The children cannot be applied as the spec stands: kopf stops retrying (a spec change retries). `reason`
+    says whether background passes may still retry: ApplyFailed/InvalidSpec cannot pass by themselves,
+    Conflict (a child's name taken by someone else's object) can, once that object goes."""
+
+    def __init__(self, message: str, reason: str = "ApplyFailed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Retry(Exception):
@@ -52,7 +58,7 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
         spec = specs.parse(name, namespace, body.get("spec") or {})
     except specs.SpecError as e:
         _fail(kube, body, str(e), "InvalidSpec", emit, now)
-        raise Rejected(str(e)) from None
+        raise Rejected(str(e), "InvalidSpec") from None
 
     metrics = conditions.Metrics(configured=bool(spec.prometheus_url))
     try:
@@ -62,7 +68,7 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
         apply_service(kube, spec, body, emit)
         apply_pod_monitor(kube, spec, body, emit)
     except Rejected as e:
-        _fail(kube, body, str(e), "ApplyFailed", emit, now, metrics)
+        _fail(kube, body, str(e), e.reason, emit, now, metrics)
         raise
     except ApiError as e:
         if e.invalid:
@@ -106,7 +112,7 @@ def _owned_by_other(obj: dict | None, owner: dict) -> bool:
 def _adopt(obj: dict, owner: dict, existing: dict | None) -> dict:
     if _owned_by_other(existing, owner):
         raise Rejected(f"{obj['kind']} {obj['metadata']['name']} already exists and belongs to another owner; "
-                       "delete it or rename this SemiPDService")
+                       "delete it or rename this SemiPDService", "Conflict")
     kopf.append_owner_reference(obj, owner=owner)
     return obj
 
@@ -178,10 +184,13 @@ def apply_pod_monitor(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Em
 
 def _fail(kube: Kube, body: dict, message: str, reason: str, emit: Emit, now: datetime,
           metrics: conditions.Metrics = conditions.Metrics()) -> None:
-    """Record why the children could not be applied; observedGeneration stays where it was."""
-    emit(reason, message, warning=True)
+    """Record why the children could not be applied; observedGeneration stays where it was. The Warning event
+    is posted when the failure is new, not on every pass that meets it again."""
     meta = body["metadata"]
     old = body.get("status") or {}
+    before = next((c for c in old.get("conditions") or [] if c.get("type") == names.PROGRESSING), {})
+    if (before.get("reason"), before.get("message")) != (reason, message):
+        emit(reason, message, warning=True)
     try:
         deployment = kube.get_or_none("apps/v1", "deployments", meta["namespace"], meta["name"])
     except ApiError:

@@ -398,14 +398,25 @@ def test_a_foreign_child_is_not_taken_over(kube, namespace, operator):
     kube.create(foreign, "deployments")
     create(kube, namespace, manifest("taken"))
 
-    def failed():
+    def conflict():
         obj = get_spd(kube, namespace, "taken")
-        return obj if condition(obj, "Progressing").get("reason") == "ApplyFailed" else None
-    obj = poll(failed, WAIT, what="ApplyFailed", log=operator.log)
+        return obj if condition(obj, "Progressing").get("reason") == "Conflict" else None
+    obj = poll(conflict, WAIT, what="Progressing=False Conflict", log=operator.log)
     assert "belongs to another owner" in condition(obj, "Progressing")["message"]
+    assert condition(obj, "Ready")["reason"] == "Conflict"
     dep = deployment(kube, namespace, "taken")
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.invalid/other:1"
     assert [r["kind"] for r in dep["metadata"]["ownerReferences"]] == ["ConfigMap"]
+    # Repeated passes meet the same conflict: one Warning event, not one per pass.
+    ticks = operator.log().count("Timer 'refresh' succeeded")
+    poll(lambda: operator.log().count("Timer 'refresh' succeeded") >= ticks + 2, WAIT, what="2 more timer runs")
+    assert len([e for e in events(kube, namespace, "taken") if e["reason"] == "Conflict"]) == 1
+
+    # Once the other owner's object is gone, the next pass takes the name (no spec change needed).
+    kube.delete("apps/v1", "deployments", namespace, "taken")
+    obj = poll(reconciled(kube, namespace, "taken"), WAIT, what="reconciled once the name is free",
+               log=operator.log)
+    assert owner_is(deployment(kube, namespace, "taken"), obj)
 
 
 def test_a_users_admin_secret_is_used_as_is(kube, namespace, operator):
