@@ -42,6 +42,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--torch-threads", type=int,
+                   help="CPU only: torch intra-op threads (default: half the cores, one share per worker)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -72,7 +74,8 @@ def serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_waiting=args.max_num_waiting,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         kernel_backend=args.kernel_backend, partition_backend=args.partition_backend, sm_split=args.sm_split,
-        partition_file=args.partition_file, cuda_graphs=not args.no_cuda_graphs, seed=args.seed)
+        partition_file=args.partition_file, cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
+        torch_threads=args.torch_threads)
     server_config = ServerConfig(host=args.host, port=args.port, admin_token=_admin_token(args.admin_token_file),
                                  graceful_timeout=args.graceful_timeout, log_level=args.log_level)
     from semipd.runtime.server import serve as run_server
