@@ -338,7 +338,8 @@ CATEGORIES = [
     ("reference.py", "rotary_embedding", "rotary"),
     ("reference.py", "rotate", "rotary"),
     ("reference.py", "silu_and_mul", "silu_and_mul"),
-    ("layers.py", "Linear.forward", "linear layers (matmul)"),
+    ("layers.py", "linear", "matmul (linear layers and lm_head)"),
+    ("layers.py", "Linear.forward", "matmul (linear layers and lm_head)"),
     ("models.py", "CausalLM.compute_logits", "lm_head (matmul)"),
     ("models.py", "Embedding.forward", "embedding"),
     ("layers.py", "*", "model glue (python)"),
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", choices=["http", "inprocess"], default="http",
                    help="how semipd is driven: `semipd serve` over loopback HTTP, or Engine.generate in process")
     p.add_argument("--engine-threads", type=int, default=None,
-                   help="torch threads per engine worker (in-process only; the server uses its default)")
+                   help="torch threads per engine worker (`semipd serve --torch-threads`; default: the engine's)")
     p.add_argument("--hf-threads", type=_int_list, default=sorted({1, os.cpu_count() or 1}),
                    help="torch thread counts to run transformers with, comma-separated; the batch runs once per "
                         "count, the best is the baseline (on a busy machine OpenMP barriers make more threads "
@@ -559,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_requests < 1:
         p.error("--num-requests must be >= 1")
+    if args.engine_threads is not None and args.engine_threads < 1:
+        p.error("--engine-threads must be >= 1")
     if args.profile_summary:
         profile_summary(args.profile_summary)
         return 0
@@ -577,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     work = make_workload(tokenizer, args.num_requests, args.prompt_len, args.output_len, args.distribution,
                          args.seed)
     info = machine_info()
-    engine_threads = args.engine_threads if args.path == "inprocess" else None
+    engine_threads = args.engine_threads
     per_worker = engine_threads or max(1, (os.cpu_count() or 2) // 2)
     print(f"model {model_dir} ({shape.name}, {n_params / 1e6:.1f}M parameters, float32, CPU)")
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['loadavg'][0]:.2f}; "
@@ -592,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     if "semipd" not in args.skip:
         if args.path == "http":
             log_path = Path(tempfile.gettempdir()) / f"semipd-bench-server-{os.getpid()}.log"
-            rows.append(run_semipd_http(model_dir, work, args.server_arg, log_path))
+            threads = ["--torch-threads", str(engine_threads)] if engine_threads else []
+            rows.append(run_semipd_http(model_dir, work, threads + args.server_arg, log_path))
         else:
             rows.append(run_semipd_inprocess(model_dir, work, engine_threads))
     batches = [] if "batch" in args.skip else [run_hf_batch(hf_model, tokenizer, work, n) for n in args.hf_threads]

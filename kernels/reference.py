@@ -1,7 +1,7 @@
 """Plain-torch versions of every kernel: the engine's CPU path and the ground truth for the Triton tests.
 
-They are written to be obviously correct first and reasonably fast on CPU second: whole-batch gathers through
-the block table and one matmul per batch (decode), one masked attention per sequence (prefill). Everything is
+They are written to be obviously correct first and reasonably fast on CPU second: whole-batch block gathers
+and one SDPA call per batch (decode), one masked SDPA per sequence (prefill). Everything is
 computed in float32 and returned in the input's dtype, like the Triton kernels.
 
 Layouts shared with the Triton kernels:
@@ -17,53 +17,55 @@ import torch.nn.functional as F
 
 
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    block_size = k_cache.shape[1]
-    # Two-index assignment works for any cache strides, unlike a write through a flattened view.
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    slots = slot_mapping.long()
+    for cache, new in ((k_cache, key), (v_cache, value)):
+        if cache.is_contiguous():       # the engine's pools: one row copy per token (5x faster on CPU)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
+        else:                           # two-index assignment works for any strides, unlike a flattened view
+            block_size = cache.shape[1]
+            cache[slots // block_size, slots % block_size] = new.to(cache.dtype)
 
 
 def gather_kv(cache, block_tables, num_tokens: int):
     """[B, max_blocks] block ids -> [B, num_tokens, Hkv, D]: each sequence's first num_tokens cached tokens.
 
     Table entries past a sequence's length may be padding (any value); they are replaced by block 0 so the
-    gather stays in bounds, and the caller masks those tokens out.
+    gather stays in bounds, and the caller masks those tokens out. index_select copies whole blocks, which on
+    CPU is about twice as fast as advanced indexing (cache[table]) on a pool larger than the caches.
     """
+    batch = block_tables.shape[0]
     block_size = cache.shape[1]
     nblocks = -(-num_tokens // block_size)
     table = block_tables[:, :nblocks].long()
     table = torch.where((table >= 0) & (table < cache.shape[0]), table, torch.zeros_like(table))
-    kv = cache[table]  # [B, nblocks, block_size, Hkv, D]
-    return kv.flatten(1, 2)[:, :num_tokens]
+    kv = cache.index_select(0, table.flatten())  # [B * nblocks, block_size, Hkv, D]
+    return kv.view(batch, nblocks * block_size, *cache.shape[2:])[:, :num_tokens]
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, workspace=None, *,
                      num_splits: int | None = None):
     """One query token per sequence over its first seq_lens[b] cached tokens; seq_len 0 gives zeros.
 
-    workspace and num_splits only matter to the Triton kernel; they are accepted so both backends share a
-    signature.
+    The gathered K/V are handed to SDPA as [B, Hkv, L, D] views with GQA left to SDPA, so nothing is repeated
+    or permuted into a copy. workspace and num_splits only matter to the Triton kernel; they are accepted so
+    both backends share a signature.
     """
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
+    batch = q.shape[0]
     max_len = int(seq_lens.max()) if batch else 0
     if max_len == 0:
         return torch.zeros_like(q)
-    k = gather_kv(k_cache, block_tables, max_len).float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-    v = gather_kv(v_cache, block_tables, max_len).float().transpose(1, 2)  # [B, Hkv, L, D]
-    qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, k) * scale  # [B, Hkv, G, L]
-    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens.to(q.device)[:, None].long()  # [B, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # A sequence with no tokens has an all -inf row, whose softmax is NaN; it contributes nothing instead.
-    probs = torch.nan_to_num(probs, nan=0.0)
-    out = torch.matmul(probs, v)  # [B, Hkv, G, D]
-    return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
+    k = gather_kv(k_cache, block_tables, max_len).float().transpose(1, 2)  # [B, Hkv, L, D]
+    v = gather_kv(v_cache, block_tables, max_len).float().transpose(1, 2)
+    lens = seq_lens.to(q.device).long()
+    valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=True)[:, :, 0]
+    # A sequence with no tokens has an all-masked row, which SDPA turns into NaN; it contributes nothing instead.
+    out = torch.where((lens > 0)[:, None, None], out, 0.0)
+    return out.to(q.dtype)
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q: int,
@@ -73,9 +75,6 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
     Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its query i sits at absolute position
     seq_lens[b] - q_len + i and sees cache positions 0..that position (the cached prefix plus the causal part).
     """
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
@@ -86,12 +85,11 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
             continue
         k = gather_kv(k_cache, block_tables[b:b + 1], seq_len)[0].float()  # [L, Hkv, D]
         v = gather_kv(v_cache, block_tables[b:b + 1], seq_len)[0].float()
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, L, D]; SDPA maps query heads onto KV groups
         qb = q[start:end].float().transpose(0, 1)  # [Hq, q_len, D]
         positions = torch.arange(seq_len - q_len, seq_len, device=q.device)
         allowed = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]  # [q_len, L]
-        ob = F.scaled_dot_product_attention(qb, k, v, attn_mask=allowed, scale=scale)
+        ob = F.scaled_dot_product_attention(qb, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
         out[start:end] = ob.transpose(0, 1).to(q.dtype)
     return out
 

@@ -25,7 +25,8 @@ class EngineConfig:
     partition_file: str | None = None           # watched file holding the semipd.io/sm-partition value
     cuda_graphs: bool = True                    # decode CUDA graphs (per split) on CUDA
     seed: int = 0
-    torch_threads: int | None = None            # CPU only: intra-op threads per worker
+    torch_threads: int | None = None            # CPU only: threads per worker while both work (a lone one
+                                                # takes twice as many); default: half the cores
 
     @property
     def model_name(self) -> str:

@@ -40,9 +40,11 @@ class Engine:
         from transformers import AutoTokenizer
         self.config = config
         self.runner = ModelRunner(config)
-        if self.runner.device.type == "cpu":
-            # two workers share the cores: give each half, so neither starves the other
-            torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 2) // 2))
+        # CPU: while both phases work each worker gets its share of the cores; a worker whose peer is idle
+        # takes both shares. Thread counts are per OS thread in torch, so each worker sets its own.
+        self._cpu_share = (config.torch_threads or max(1, _available_cores() // 2)) \
+            if self.runner.device.type == "cpu" else None
+        self._busy = {"prefill": False, "decode": False}
         self.block_manager = self.runner.block_manager
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -173,8 +175,16 @@ class Engine:
                 for seq in list(self._by_id.values()):
                     self._finish(seq, "abort")
 
+    def _claim_cores(self, phase: str, peer: str, has_work: bool) -> None:
+        self._busy[phase] = has_work
+        if self._cpu_share is not None and has_work:
+            threads = self._cpu_share if self._busy[peer] else 2 * self._cpu_share
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
     def _prefill_step(self) -> bool:
         chunks = self._schedule_prefill()
+        self._claim_cores("prefill", "decode", bool(chunks))
         if not chunks:
             return False
         split, stream = self.partition.begin_step("prefill")
@@ -246,6 +256,7 @@ class Engine:
 
     def _decode_step(self) -> bool:
         batch = self._schedule_decode()
+        self._claim_cores("decode", "prefill", bool(batch))
         if not batch:
             return False
         split, stream = self.partition.begin_step("decode")
@@ -363,6 +374,13 @@ class Engine:
         self.metrics.kv_usage.set(self.block_manager.usage)
         self.metrics.phase(self.metrics.queue_length, "prefill").set(waiting)
         self.metrics.phase(self.metrics.queue_length, "decode").set(handoff)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))       # what this process may use (a container's cpuset), not the host
+    except AttributeError:
+        return os.cpu_count() or 2
 
 
 def _on_stream(stream):

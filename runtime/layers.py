@@ -18,6 +18,27 @@ def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a float32 [out, in] weight, or None where oneDNN cannot make one.
+
+    F.linear on CPU repacks the whole weight on every call, which dominates at decode's few rows: on 2 cores
+    a 16-row step over a 125M model takes ~70 ms with F.linear and ~37 ms on weights packed once.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    except (RuntimeError, AttributeError):     # a torch built without these ops: plain F.linear still works
+        return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+           packed: torch.Tensor | None) -> torch.Tensor:
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b), where W may be several checkpoint tensors stacked along the output dim.
 
@@ -34,9 +55,17 @@ class Linear(nn.Module):
             offset += size
         self.weight = empty_param(offset, in_features, dtype=dtype)
         self.bias = empty_param(offset, dtype=dtype) if bias else None
+        self.packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> bool:
+        """Swap the loaded weight for its oneDNN-packed copy (the dense one is released: one copy stays)."""
+        self.packed = pack_for_cpu(self.weight)
+        if self.packed is not None:
+            self.weight = None
+        return self.packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class RMSNorm(nn.Module):

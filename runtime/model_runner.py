@@ -52,6 +52,8 @@ class ModelRunner:
         self.ops = load_ops(self.kernel_backend)
         self.model, self.model_config = load_model(config.model, self.dtype, self.device, self.ops,
                                                    max_model_len=config.max_model_len)
+        if self.device.type == "cpu" and self.model.pack_for_cpu():
+            log.info("CPU matmul weights packed for oneDNN")
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semipd.runtime.batch import ForwardBatch
-from semipd.runtime.layers import DecoderLayer, RMSNorm, empty_param
+from semipd.runtime.layers import DecoderLayer, Linear, RMSNorm, empty_param, linear, pack_for_cpu
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -49,6 +49,7 @@ class CausalLM(nn.Module):
         self.model = Decoder(cfg, ops, dtype)
         # Tied models read the embedding matrix as the output head; no second parameter exists to fill.
         self.lm_head = None if cfg.tie_word_embeddings else Head(cfg, dtype)
+        self.packed_head: torch.Tensor | None = None
         self.cos_sin_cache: torch.Tensor | None = None
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
@@ -82,9 +83,21 @@ class CausalLM(nn.Module):
         x, _ = self.model.norm(x, residual)
         return x
 
+    def pack_for_cpu(self) -> int:
+        """Pack every matmul weight for oneDNN (see layers.pack_for_cpu); returns how many were packed.
+        A tied head keeps its dense embedding for lookups, so only it is held twice."""
+        packed = sum(m.pack_for_cpu() for m in self.modules() if isinstance(m, Linear))
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        self.packed_head = pack_for_cpu(head.weight)
+        if self.packed_head is not None:
+            packed += 1
+            if self.lm_head is not None:
+                self.lm_head.weight = None
+        return packed
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight, None, self.packed_head).float()
 
 
 class Decoder(nn.Module):

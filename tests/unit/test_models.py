@@ -10,6 +10,7 @@ import torch
 
 from semipd.kernels import load_ops
 from semipd.runtime.batch import ForwardBatch
+from semipd.runtime.layers import Linear
 from semipd.runtime.loader import load_model
 from semipd.runtime.tiny_model import write_tiny_model
 
@@ -78,13 +79,18 @@ def run(model, batch: ForwardBatch) -> torch.Tensor:
         return model.compute_logits(hidden[batch.logits_indices])
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=[(v, packed) for v in VARIANTS for packed in (False, True)],
+                ids=lambda p: f"{p[0]}-{'packed' if p[1] else 'dense'}")
 def pair(request, tmp_path_factory):
-    """(our model, its config, the transformers model) for one tiny model directory."""
+    """(our model, its config, the transformers model) for one tiny model directory; 'packed' is the layout the
+    engine serves from on CPU (matmul weights reordered for oneDNN)."""
     from transformers import AutoModelForCausalLM
 
-    path = write_tiny_model(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
+    variant, packed = request.param
+    path = write_tiny_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
     ours, cfg = load_model(str(path), torch.float32, torch.device("cpu"), load_ops("torch"))
+    if packed:
+        assert ours.pack_for_cpu() == 4 * cfg.num_layers + 1     # qkv, o, gate_up, down per layer; the head
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return ours, cfg, theirs
 
@@ -208,3 +214,23 @@ def test_forward_without_kv_cache_is_a_clear_error(tmp_path):
         model(kv.batch([(0, [5, 6])], is_prefill=True))
     with pytest.raises(ValueError, match="caches"):
         model.attach_kv_cache(kv.k[:1], kv.v[:1])
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True)])
+def test_packing_keeps_one_copy_of_each_matmul_weight(tmp_path, arch, tied):
+    path = write_tiny_model(tmp_path / "m", arch)
+    model, cfg = load_model(str(path), torch.float32, "cpu", load_ops("torch"))
+    model.pack_for_cpu()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight is None and m.packed is not None for m in linears)
+    assert model.packed_head is not None
+    # the embedding is still read by lookups; an untied head's dense weight is gone
+    assert model.model.embed_tokens.weight is not None
+    assert tied or model.lm_head.weight is None
+
+
+def test_packing_leaves_other_dtypes_dense(tmp_path):
+    path = write_tiny_model(tmp_path / "m")
+    model, _ = load_model(str(path), torch.bfloat16, "cpu", load_ops("torch"))
+    assert model.pack_for_cpu() == 0
+    assert all(m.weight is not None for m in model.modules() if isinstance(m, Linear))
