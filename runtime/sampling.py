@@ -3,6 +3,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -27,7 +29,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows to inf and softmax to NaN; vLLM treats such values as greedy.
+        return self.temperature < GREEDY_BELOW
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from semipd.runtime.config import EngineConfig, ServerConfig
 from semipd.runtime.engine import Engine, EngineOverloaded
+from semipd.runtime.loader import ModelLoadError
 from semipd.runtime.partition import PartitionError
 from semipd.runtime.protocol import (
     COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest, ResponseShape,
@@ -105,7 +106,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         req = parse_request(await request.body(), CompletionRequest)
         check_model(req.model)
         if isinstance(req.prompt, str):
-            ids = tokenizer(req.prompt, add_special_tokens=True).input_ids
+            ids = encode(req.prompt, "prompt", add_special_tokens=True)
         else:
             ids = list(req.prompt)
         return await generate(request, req, ids, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
@@ -121,8 +122,14 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                                                  add_generation_prompt=True)
         except Exception as e:      # the template itself may reject a conversation (e.g. role order)
             raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = encode(text, "messages", add_special_tokens=False)
         return await generate(request, req, ids, "messages", None, chat=True)
+
+    def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        except (TypeError, ValueError, UnicodeError) as e:      # e.g. a lone surrogate escape ("\\ud800")
+            raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from None
 
     def check_model(name: str | None):
         if name is not None and name != engine.model_name:
@@ -327,7 +334,11 @@ async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     logging.basicConfig(level=server_config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(engine_config)
+    try:
+        engine = Engine(engine_config)
+    except (ModelLoadError, ValueError, OSError) as e:      # a model or flag we cannot serve: say why, in one line
+        log.error("cannot start: %s", e)
+        return 1
     engine.start()
     try:
         asyncio.run(_serve_async(engine, server_config))

@@ -57,9 +57,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir: Path, log_dir: Path, *args: str, env: dict | None = None) -> Server:
+def launch(model_dir: Path | None, log_dir: Path, *args: str, env: dict | None = None) -> Server:
+    """model_dir None starts `semipd serve` with no --model: the embedded default."""
     args = list(args)
-    if "--model" not in args:
+    if "--model" not in args and model_dir is not None:
         args = ["--model", str(model_dir)] + args
     if "--max-model-len" not in args:
         args += ["--max-model-len", str(DEFAULT_MAX_MODEL_LEN)]

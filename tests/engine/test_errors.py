@@ -67,6 +67,9 @@ CASES = {
     "chat top_p string": (CHAT, {"messages": MSG, "top_p": "high"}, 400, "top_p"),
     "chat unknown model": (CHAT, {"messages": MSG, "model": "nope"}, 404, "model"),
     "chat tools unsupported": (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
+    # JSON allows a lone surrogate escape; no tokenizer can encode it
+    "prompt lone surrogate": (COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400, "prompt"),
+    "chat lone surrogate": (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages"),
 }
 
 

@@ -51,3 +51,19 @@ def test_top_k_never_leaves_the_k_best():
 def test_bad_params_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps the first two, the third never appears
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
+    params = [SamplingParams(temperature=1.0, top_p=0.7) for _ in range(400)]
+    tokens = sample(logits, params, [gen(i) for i in range(400)])
+    assert set(tokens) == {0, 1}
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_crash():
+    # 1e-40 passes as a float but logits / 1e-40 overflow to inf and softmax to NaN
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-6), SamplingParams(temperature=0)]
+    assert all(p.greedy for p in params)
+    assert sample(logits, params, [None, gen(1), None]) == logits.argmax(-1).tolist()
