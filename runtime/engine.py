@@ -196,6 +196,11 @@ class Engine:
             tokens = sample(logits, [s.params for s in finished_seqs], [s.generator for s in finished_seqs]) \
                 if finished_seqs else []
             event = _record_event(stream)
+            if stream is not None and not finished_seqs:
+                # Sampling waits for the step's GPU work; a step of partial chunks must wait too, or the next
+                # chunk could run on another split's stream before this one has written its KV, and an abort
+                # could free blocks that kernels still write.
+                stream.synchronize()
         self.metrics.step("prefill", time.monotonic() - started, sum(n for _, n in chunks))
         now = time.monotonic()
         with self._lock:
