@@ -8,14 +8,16 @@ Backends:
 - greenctx: CUDA green contexts. One driver-level split per candidate (cuDevSmResourceSplitByCount, result =
   prefill, remainder = decode), so the two phases never overlap. Needs cuda-python's `cuda.bindings`.
 - shared: two ordinary CUDA streams over the whole GPU; no isolation (the "unified" baseline).
-- cpu: no GPU. Applies the driver's rounding rules for a given SM count and records which split each phase used
-  for each step, so the switching logic is tested without a GPU. It is a named stand-in, not a partition.
+- cpu: no GPU. Applies the driver's rounding rules for a given SM count; on it the controller records which split
+  each phase used for each step (PartitionController.history), so the switching logic is tested without a GPU.
+  It is a named stand-in, not a partition.
 """
 import json
 import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +25,11 @@ log = logging.getLogger("semipd.partition")
 
 HOPPER_SMS = 132
 HOPPER_GRANULARITY = 8          # cuDevSmResourceSplitByCount default: groups of >= 8 SMs, in steps of 8
+HISTORY_STEPS = 4096            # per-step record kept on the cpu backend: enough to check a run, bounded in memory
 
 
 class PartitionError(ValueError):
+    """A well-formed split the device cannot make; `allowed` lists the prefill SM counts it can."""
     def __init__(self, message: str, allowed: list[int]):
         super().__init__(message)
         self.allowed = allowed
@@ -76,41 +80,53 @@ class SharedBackend:
 
 
 class GreenContextBackend:
-    """All candidate splits made at start-up: each is one driver split of the device into prefill + remainder."""
+    """All candidate splits made at start-up: each is one driver split of the device into prefill + remainder.
+    `splits` is keyed by the prefill SM count the driver really gave, so the allowed values users see are real."""
     name = "greenctx"
 
-    def __init__(self, device, min_prefill: int | None = None):
+    def __init__(self, device):
         import torch
         from cuda.bindings import driver as cu
         self._cu = cu
+        self._device = device
         torch.cuda.init()
         torch.zeros(1, device=device)          # primary context first: green contexts retain it
         index = torch.device(device).index
-        ordinal = index if index is not None else torch.cuda.current_device()
+        self._build(index if index is not None else torch.cuda.current_device())
+
+    def _build(self, ordinal: int):
+        cu = self._cu
         self._dev = self._check(cu.cuDeviceGet(ordinal))
         device_res = self._check(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         self.total_sms = device_res.sm.smCount
-        self.granularity = getattr(device_res.sm, "smCoscheduledAlignment", 0) or HOPPER_GRANULARITY
-        self.granularity = max(self.granularity, getattr(device_res.sm, "minSmPartitionSize", 0) or 0)
+        # The fields describe the newer split API; cuDevSmResourceSplitByCount with flags 0 (what we call) still
+        # makes groups of >= 8 SMs in steps of 8 on Hopper, so never ask in finer steps than that.
+        reported = max(getattr(device_res.sm, "smCoscheduledAlignment", 0) or 0,
+                       getattr(device_res.sm, "minSmPartitionSize", 0) or 0)
+        self.granularity = max(HOPPER_GRANULARITY, reported)
         self._workqueue = self._balanced_workqueue()
         self._keep = []                         # contexts and streams live for the whole process
         self.splits: dict[int, Split] = {}
         self._streams: dict[Split, tuple] = {}
         for want in candidate_prefill_sms(self.total_sms, self.granularity):
-            result, groups, remainder = self._check(cu.cuDevSmResourceSplitByCount(1, device_res, 0, want))
-            if groups != 1:
-                log.warning("the driver cannot make a %d-SM prefill group; skipping that split", want)
-                continue
-            prefill_ctx, prefill_stream, prefill_sms = self._context(result[0], device)
-            decode_ctx, decode_stream, decode_sms = self._context(remainder, device)
-            split = Split(prefill_sms, decode_sms)
-            if split in self._streams:
-                log.warning("prefill=%d rounds to the same split as another request (%s); keeping both", want, split)
-            self.splits[want] = split
-            self._streams[split] = (prefill_stream, decode_stream)
-            self._keep += [prefill_ctx, decode_ctx]
-        log.info("green contexts: %d candidate splits over %d SMs (granularity %d, balanced workqueues: %s)",
-                 len(self.splits), self.total_sms, self.granularity, self._workqueue is not None)
+            self._add_split(device_res, want)
+        log.info("green contexts: %d candidate splits over %d SMs, prefill SMs %s (balanced workqueues: %s)",
+                 len(self.splits), self.total_sms, sorted(self.splits), self._workqueue is not None)
+
+    def _add_split(self, device_res, want: int):
+        cu = self._cu
+        result, groups, remainder = self._check(cu.cuDevSmResourceSplitByCount(1, device_res, 0, want))
+        if groups != 1 or remainder.sm.smCount == 0:
+            log.warning("the driver cannot make a %d-SM prefill group beside a decode remainder; skipping it", want)
+            return
+        given = result[0].sm.smCount
+        if given in self.splits:
+            # checked before any context exists, so a request the driver rounds onto a known split costs nothing
+            log.info("prefill=%d gives the %d-SM group an earlier request gave; no new contexts", want, given)
+            return
+        split = Split(given, remainder.sm.smCount)
+        self._streams[split] = (self._context(result[0]), self._context(remainder))
+        self.splits[given] = split
 
     def _check(self, ret):
         err, *values = ret
@@ -132,16 +148,37 @@ class GreenContextBackend:
             log.info("balanced workqueues unavailable (%s)", exc)
             return None
 
-    def _context(self, sm_resource, device):
-        import torch
+    def _context(self, sm_resource):
+        """A green context on `sm_resource` and a stream on it; fails if the context got another SM count."""
         cu = self._cu
-        resources = [sm_resource] + ([self._workqueue] if self._workqueue is not None else [])
-        desc = self._check(cu.cuDevResourceGenerateDesc(resources, len(resources)))
-        ctx = self._check(cu.cuGreenCtxCreate(desc, self._dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+        ctx = self._green_context(sm_resource)
         raw = self._check(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
-        self._keep.append(raw)
+        self._keep += [ctx, raw]
         actual = self._check(cu.cuGreenCtxGetDevResource(ctx, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM)).sm.smCount
-        return ctx, torch.cuda.ExternalStream(int(raw), device=device), actual
+        if actual != sm_resource.sm.smCount:
+            raise RuntimeError(f"the driver split off {sm_resource.sm.smCount} SMs, but the green context made "
+                               f"from them has {actual}")
+        return self._wrap(raw)
+
+    def _green_context(self, sm_resource):
+        if self._workqueue is not None:
+            try:
+                return self._create(sm_resource, self._workqueue)
+            except RuntimeError as exc:
+                # workqueues only help concurrency; the SM split alone still isolates the phases
+                log.warning("a green context with a balanced workqueue failed (%s); continuing without workqueues",
+                            exc)
+                self._workqueue = None
+        return self._create(sm_resource)
+
+    def _create(self, *resources):
+        cu = self._cu
+        desc = self._check(cu.cuDevResourceGenerateDesc(list(resources), len(resources)))
+        return self._check(cu.cuGreenCtxCreate(desc, self._dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+
+    def _wrap(self, raw):
+        import torch
+        return torch.cuda.ExternalStream(int(raw), device=self._device)
 
     def streams(self, split: Split):
         return self._streams[split]
@@ -178,31 +215,28 @@ def make_backend(name: str, device) -> "CpuBackend | SharedBackend | GreenContex
 
 
 def parse_split_value(value) -> tuple[str, float]:
-    """'prefill=64' | 'prefill=0.5' | 64 | 0.5 | {'prefill': 64} -> ('sms', 64) or ('fraction', 0.5)."""
+    """'prefill=64' | 'prefill=0.5' | 64 | 0.5 | {'prefill': 64} -> ('sms', 64) or ('fraction', 0.5).
+    A malformed value is a ValueError; whether the number is possible is for PartitionController.resolve."""
     raw = value
     if isinstance(value, dict):
         if set(value) != {"prefill"}:
-            raise PartitionError(f'expected {{"prefill": N}} (SMs) or {{"prefill": F}} (fraction), got {json.dumps(raw)}', [])
+            raise ValueError(f'expected {{"prefill": N}} (SMs) or {{"prefill": F}} (fraction), got {json.dumps(raw)}')
         value = value["prefill"]
     if isinstance(value, str):
         text = value.strip()
         key, sep, number = text.partition("=")
         if not sep or key.strip() != "prefill":
-            raise PartitionError(f"expected prefill=N (SMs) or prefill=F (fraction), got {raw!r}", [])
+            raise ValueError(f"expected prefill=N (SMs) or prefill=F (fraction), got {raw!r}")
         number = number.strip()
         try:
             value = int(number) if number.isdigit() else float(number)
         except ValueError:
-            raise PartitionError(f"expected a number after prefill=, got {number!r}", []) from None
+            raise ValueError(f"expected a number after prefill=, got {number!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PartitionError(f"the prefill share must be a number, got {raw!r}", [])
-    if isinstance(value, int):
-        return "sms", value
-    if 0.0 < value < 1.0:
-        return "fraction", value
-    if value.is_integer():
+        raise ValueError(f"the prefill share must be a finite number, got {raw!r}")
+    if isinstance(value, int) or value.is_integer():
         return "sms", int(value)
-    raise PartitionError(f"a fractional prefill share must be between 0 and 1, got {value}", [])
+    return "fraction", value
 
 
 class PartitionController:
@@ -221,7 +255,9 @@ class PartitionController:
         self._switch_started: float | None = None
         self.switches = 0
         self.applied = {"prefill": self._split, "decode": self._split}
-        self.history: list[tuple[str, Split]] | None = None   # per-step record, enabled by tests on the cpu backend
+        # the cpu stand-in has no hardware to show which split a step ran on, so it keeps the last steps' record
+        self.history: deque[tuple[str, Split]] | None = (deque(maxlen=HISTORY_STEPS) if backend.name == "cpu"
+                                                         else None)
         self._report()
         if initial is not None:
             self.set(initial, source="cli")
@@ -234,6 +270,9 @@ class PartitionController:
         kind, number = parse_split_value(value)
         allowed = self.allowed
         if kind == "fraction":
+            if not 0.0 < number < 1.0:
+                raise PartitionError(f"a fractional prefill share must be between 0 and 1, got {number}; allowed "
+                                     f"prefill SM counts: {allowed}", allowed)
             want = number * self.backend.total_sms
             return self.backend.splits[min(allowed, key=lambda p: (abs(p - want), p))]
         if number not in self.backend.splits:
@@ -347,5 +386,5 @@ class PartitionFileWatcher:
         self._last = value
         try:
             self.controller.set(value, source="partition-file")
-        except PartitionError as exc:
+        except ValueError as exc:       # malformed or impossible: keep the split, say why
             log.warning("ignoring %s: %s", self.path, exc)

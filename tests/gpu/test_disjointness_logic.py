@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sm_disjointness import Probe, check_split, main, ran_together, synthetic_checks
+from sm_disjointness import Probe, check_split, main, parse_args, ran_together, synthetic_checks
 
 pytestmark = pytest.mark.unit
 
@@ -35,13 +35,25 @@ def test_a_side_larger_than_the_driver_reported_fails():
     assert any("prefill ran on 10 SMs, more than the 8" in p for p in c.problems)
 
 
-def test_an_under_filled_side_is_reported_and_fails_only_when_strict():
-    relaxed = check_split("greenctx", 16, range(12), range(16, TOTAL), 16, 116, TOTAL)
+def test_an_under_filled_side_fails_by_default_and_is_only_noted_with_allow_under():
+    default = check_split("greenctx", 16, range(12), range(16, TOTAL), 16, 116, TOTAL)
+    assert not default.ok
+    assert default.problems == ["prefill reached 12 of its 16 SMs"]
+    relaxed = check_split("greenctx", 16, range(12), range(16, TOTAL), 16, 116, TOTAL, allow_under=True)
     assert relaxed.ok
     assert relaxed.notes == ["prefill reached 12 of its 16 SMs"]
-    strict = check_split("greenctx", 16, range(12), range(16, TOTAL), 16, 116, TOTAL, strict=True)
-    assert not strict.ok
-    assert strict.problems == ["prefill reached 12 of its 16 SMs"]
+
+
+def test_the_allow_under_flag_is_off_unless_given():
+    assert parse_args([]).allow_under is False
+    assert parse_args(["--allow-under"]).allow_under is True
+
+
+def test_an_under_filled_shared_control_is_only_noted():
+    # the control's "reported" size is the whole device: it must show overlap, not fill every SM
+    c = check_split("shared", None, range(TOTAL - 2), range(TOTAL), TOTAL, TOTAL, TOTAL, expect_disjoint=False)
+    assert c.ok, c.problems
+    assert c.notes == [f"prefill reached {TOTAL - 2} of its {TOTAL} SMs"]
 
 
 def test_a_side_that_recorded_nothing_fails():
@@ -97,7 +109,9 @@ def test_synthetic_cases_are_judged_as_they_must_be():
     assert wrong == []
     verdicts = {(c.backend, c.requested): c.ok for c in checks}
     assert verdicts[("synthetic-overlap", 16)] is False
-    assert all(ok for (name, _), ok in verdicts.items() if name != "synthetic-overlap")
+    assert verdicts[("synthetic-under", 16)] is False
+    assert verdicts[("synthetic-under-allowed", 16)] is True
+    assert all(ok for (name, _), ok in verdicts.items() if name not in ("synthetic-overlap", "synthetic-under"))
 
 
 def test_dry_run_prints_the_table_and_writes_json(tmp_path, capsys):
@@ -108,8 +122,9 @@ def test_dry_run_prints_the_table_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["logic_errors"] == []
     failing = [c for c in data["checks"] if not c["ok"]]
-    assert [c["backend"] for c in failing] == ["synthetic-overlap"]
+    assert [c["backend"] for c in failing] == ["synthetic-overlap", "synthetic-under"]
     assert failing[0]["overlap"] == list(range(8, 16))
+    assert failing[1]["problems"] == ["prefill reached 12 of its 16 SMs"]
 
 
 def test_dry_run_refuses_a_split_that_leaves_decode_nothing(capsys):
