@@ -26,6 +26,13 @@ class Ops:
     rms_norm: Callable
     rotary_embedding: Callable
     silu_and_mul: Callable
+    # (max_batch, num_q_heads, num_kv_heads, head_dim, max_seq_len, device) -> DecodeWorkspace or None: what to
+    # pass decode_attention as its workspace so a captured decode step allocates nothing (None: not needed).
+    make_decode_workspace: Callable
+
+
+def _no_workspace(*args, **kwargs):
+    return None  # the torch reference has no split-K buffers
 
 
 _INTERPRETER_LOCK = threading.Lock()
@@ -45,7 +52,7 @@ def load_ops(backend: str) -> Ops:
     if backend == "torch":
         from semipd.kernels import reference as r
         return Ops("torch", r.store_kv, r.decode_attention, r.prefill_attention, r.rms_norm,
-                   r.rotary_embedding, r.silu_and_mul)
+                   r.rotary_embedding, r.silu_and_mul, _no_workspace)
     if backend == "triton":
         # Imported here so the torch path works without triton and kernels are decorated only when asked for.
         from semipd.kernels import activation, decode_attention, kv_store, prefill_attention, rmsnorm, rotary
@@ -53,7 +60,7 @@ def load_ops(backend: str) -> Ops:
                rmsnorm.rms_norm, rotary.rotary_embedding, activation.silu_and_mul]
         if os.environ.get("TRITON_INTERPRET") == "1":
             ops = [_one_at_a_time(op) for op in ops]
-        return Ops("triton", *ops)
+        return Ops("triton", *ops, decode_attention.make_workspace)
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from semipd.kernels.reference import decode_attention as decode_attention_reference  # noqa: F401
-from semipd.kernels.triton_utils import check_runnable, compute_dtype, dot_precision, is_interpreted, num_sms
+from semipd.kernels.triton_utils import (check_head_dim, check_runnable, compute_dtype, dot_precision,
+                                        is_interpreted, num_sms)
 from semipd.kernels.workspace import DecodeWorkspace
 
 DEFAULT_MAX_SPLITS = 32
@@ -121,6 +122,21 @@ def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device, max_s
     return max(1, min(max_splits, triton.cdiv(WAVES * num_sms(device), programs)))
 
 
+def _block_n(interpreted: bool) -> int:
+    return 32 if interpreted else 64  # the interpreter pays per tile: fewer, bigger ones
+
+
+def make_workspace(max_batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
+                   device) -> DecodeWorkspace:
+    """The workspace for decode steps of up to max_batch sequences of at most max_seq_len tokens (for the engine:
+    one CUDA graph's batch size and max_model_len). It holds the splits choose_num_splits picks for max_batch,
+    capped at the tiles of max_seq_len since a split past the last tile does no work; the launcher caps its own
+    choice at workspace.max_splits, so a smaller batch on the same workspace fits too."""
+    splits = min(choose_num_splits(max_batch, num_kv_heads, torch.device(device)),
+                 max(1, triton.cdiv(max_seq_len, _block_n(is_interpreted(decode_kernel)))))
+    return DecodeWorkspace(max_batch, num_q_heads, head_dim, splits, device)
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, workspace=None, *,
                      num_splits: int | None = None):
     """Paged decode attention; see the module docstring. num_splits overrides the split-K heuristic.
@@ -131,6 +147,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, 
     check_runnable(decode_kernel, q, k_cache, v_cache)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
+    check_head_dim("decode_attention", head_dim)
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
     if k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
@@ -155,8 +172,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, 
 
     compute = compute_dtype(decode_kernel, k_cache.dtype)
     block_d = triton.next_power_of_2(head_dim)
-    interpreted = is_interpreted(decode_kernel)
-    block_n = 32 if interpreted else 64
+    block_n = _block_n(is_interpreted(decode_kernel))
     decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -18,7 +18,7 @@ def store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                     kc_stride_b, kc_stride_o, kc_stride_h, vc_stride_b, vc_stride_o, vc_stride_h,
                     block_size, num_heads, head_dim,
                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # token * key_stride_t overflows int32 for a large batch of wide rows
     slot = tl.load(slot_ptr + token).to(tl.int64)
     block = tl.maximum(slot, 0) // block_size
     offset = tl.maximum(slot, 0) % block_size

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from semipd.kernels.reference import prefill_attention as prefill_attention_reference  # noqa: F401
-from semipd.kernels.triton_utils import check_runnable, compute_dtype, dot_precision, is_interpreted
+from semipd.kernels.triton_utils import check_head_dim, check_runnable, compute_dtype, dot_precision, is_interpreted
 
 
 @triton.jit
@@ -81,13 +81,39 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
              out.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & d_mask[None, :])
 
 
-def _config(head_dim: int, interpreted: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter pays per tile, not per element: big tiles."""
+# What one program may keep in shared memory: H100/H200 allow 227 KB per block; the rest of the headroom is
+# for the scratch Triton adds when it converts layouts (e.g. p from the accumulator layout to a dot operand).
+SMEM_BUDGET = 160 * 1024
+
+
+def _shared_bytes(block_m: int, block_n: int, stages: int, block_d: int, elem_size: int) -> int:
+    # The Q tile stays resident; each pipeline stage buffers one K and one V tile of BLOCK_N x BLOCK_D.
+    return (block_m + 2 * stages * block_n) * block_d * elem_size
+
+
+def _config(head_dim: int, elem_size: int, interpreted: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter pays per tile, not per element: big tiles.
+
+    On a GPU start from 128 x 64 tiles with 3 stages, which fit 2-byte types up to head dim 128
+    ((128 + 2*3*64) * 128 * 2 = 128 KB), and shrink while the estimate exceeds SMEM_BUDGET: float32 at head dim
+    128 would need (128 + 2*3*64) * 128 * 4 = 256 KB. Stages go first (they only hide latency), then BLOCK_N
+    (more loop iterations), then BLOCK_M (more programs); float32 at 128 ends at 128 x 32 with 2 stages, 128 KB.
+    """
     if interpreted:
         return 32, 32, 4, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    block_d = triton.next_power_of_2(head_dim)
+    block_m, block_n, stages = 128, 64, 3
+    warps = 4 if head_dim <= 64 else 8
+    while _shared_bytes(block_m, block_n, stages, block_d, elem_size) > SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif block_n > 32:
+            block_n //= 2
+        elif block_m > 16:  # tl.dot needs M >= 16
+            block_m //= 2
+        else:
+            break
+    return block_m, block_n, warps, stages
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q: int,
@@ -95,6 +121,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
     check_runnable(prefill_kernel, q, k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
+    check_head_dim("prefill_attention", head_dim)
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
     if k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
@@ -107,7 +134,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
     if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
         return out
     compute = compute_dtype(prefill_kernel, k_cache.dtype)
-    block_m, block_n, warps, stages = _config(head_dim, is_interpreted(prefill_kernel))
+    block_m, block_n, warps, stages = _config(head_dim, k_cache.element_size(), is_interpreted(prefill_kernel))
     grid = (batch, triton.cdiv(max_seqlen_q, block_m), num_q_heads)
     prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale * math.log2(math.e),

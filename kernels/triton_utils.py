@@ -31,6 +31,17 @@ def check_runnable(kernel, *tensors: torch.Tensor) -> None:
             raise TypeError(f"unsupported dtype {t.dtype}; kernels take float16, bfloat16 or float32")
 
 
+MIN_HEAD_DIM = 16
+
+
+def check_head_dim(op: str, head_dim: int) -> None:
+    """The attention kernels multiply q by k^T over the head dim, and tl.dot refuses to compile with K < 16.
+    Other head dims are padded to the next power of two and masked, so any head_dim >= 16 works."""
+    if head_dim < MIN_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim {head_dim} is not supported by the Triton kernels, which need "
+                         f"head_dim >= {MIN_HEAD_DIM} (tl.dot needs K >= 16); use the torch backend")
+
+
 def compute_dtype(kernel, dtype: torch.dtype):
     """Element type for tl.dot inputs: the tensor's own on a GPU (tensor cores, fp32 accumulation), float32
     under the interpreter, which mishandles bfloat16 arithmetic."""

@@ -1,7 +1,11 @@
 """What one forward step hands the model: flat tokens plus the paged-KV addressing for them."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
+
+from semipd.kernels.workspace import DecodeWorkspace
 
 
 @dataclass(slots=True)
@@ -16,6 +20,9 @@ class ForwardBatch:
     max_seqlen_q: int
     max_seqlen_k: int
     logits_indices: torch.Tensor  # [N] int64, rows of the hidden states whose next-token logits are needed
+    # Decode only: split-K buffers shared by every layer's decode attention, preallocated so a captured CUDA graph
+    # allocates nothing per layer. None lets the kernel allocate its own (eager decode).
+    decode_workspace: DecodeWorkspace | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -112,7 +112,8 @@ class Attention(nn.Module):
             o = self.ops.prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q,
                                            batch.seq_lens, batch.max_seqlen_q, self.scale)
         else:
-            o = self.ops.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale)
+            o = self.ops.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.scale,
+                                          batch.decode_workspace)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
 

@@ -172,7 +172,7 @@ class DecodeGraph:
     rows have slot -1 (nothing stored) and length 0 (nothing attended)."""
 
     def __init__(self, runner: ModelRunner, size: int, stream, pool):
-        dev = runner.device
+        dev, mc = runner.device, runner.model_config
         width = -(-runner.max_model_len // runner.block_size)
         self.size = size
         self.input_ids = torch.zeros(size, dtype=torch.int64, device=dev)
@@ -184,8 +184,14 @@ class DecodeGraph:
             input_ids=self.input_ids, positions=self.positions, is_prefill=False, slot_mapping=self.slot_mapping,
             block_tables=self.block_tables, seq_lens=self.seq_lens,
             cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32, device=dev), max_seqlen_q=1,
-            max_seqlen_k=runner.max_model_len, logits_indices=torch.arange(size, dtype=torch.int64, device=dev))
+            max_seqlen_k=runner.max_model_len, logits_indices=torch.arange(size, dtype=torch.int64, device=dev),
+            # One workspace for all layers, allocated here rather than by each layer inside the capture.
+            decode_workspace=runner.ops.make_decode_workspace(size, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                                              runner.max_model_len, dev))
         self.graph = torch.cuda.CUDAGraph()
+        # The buffers above were filled on the current stream; warm-up and capture run on `stream`, which does not
+        # otherwise wait for it (green-context streams are non-blocking).
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             runner.model.compute_logits(runner.model(self.batch))       # warm-up: kernels compiled, autotuned
         stream.synchronize()

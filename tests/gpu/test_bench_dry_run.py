@@ -1,9 +1,14 @@
 """The GPU benchmarks' host-side paths, which must work anywhere: refusing cleanly without CUDA, argument
-checking, the sweep plan and its table, and a split switch timed through the real engine (on CPU, cpu backend)."""
+checking, the sweep plan and its table, a split switch timed through the real engine (on CPU, cpu backend), and
+the kernel benchmark's dry run (its tiny shapes through the Triton interpreter)."""
 import json
+import math
+import subprocess
+import sys
 
 import pytest
 
+import bench_kernels
 import gpu_common
 import sm_disjointness
 import sm_sweep
@@ -89,3 +94,33 @@ def test_switch_is_timed_through_the_real_engine_on_cpu(tmp_path):
     assert samples[0]["to_prefill_sms"] != samples[1]["to_prefill_sms"]
     assert all(s["metric_ms"] > 0 and s["wall_ms"] > 0 for s in samples)
     assert data["controller_us"] > 0
+
+
+def test_kernel_bench_dry_run_times_every_kernel_and_shape(tmp_path):
+    # A subprocess: the script sets TRITON_INTERPRET=1 before importing the kernels, which only works in a fresh
+    # interpreter (decoration fixes the mode), and that must not leak into this one.
+    out = tmp_path / "k.json"
+    done = subprocess.run([sys.executable, bench_kernels.__file__, "--dry-run", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    s = bench_kernels.TINY
+    expected = {"decode_attention": len(s.decode_batches) * len(s.decode_contexts),
+                "prefill_attention": len(s.prefill_tokens) + 2,  # fresh prompts, 8 short ones, a chunk
+                "store_kv": len(s.rows), "rms_norm": len(s.rows), "rms_norm+residual": len(s.rows),
+                "rotary_embedding": len(s.rows), "silu_and_mul": len(s.rows)}
+    results = data["results"]
+    assert {k: sum(r["kernel"] == k for r in results) for k in expected} == expected
+    assert len(results) == sum(expected.values())
+    assert data["dry_run"] is True and data["shapes"]["head_dim"] == s.head_dim
+    for r in results:
+        assert r["bytes"] > 0 and r["ms"] > 0 and r["baseline_ms"] > 0, r
+        assert math.isclose(r["gbps"], r["bytes"] / (r["ms"] * 1e-3) / 1e9), r
+    assert all(r["tflops"] > 0 for r in results if r["kernel"] == "prefill_attention")
+    assert all("splits" in r["extra"] for r in results if r["kernel"] == "decode_attention")
+    # The table: a device line, the header and its rule, then one row per result.
+    lines = done.stdout.splitlines()
+    table = lines[1:lines.index(f"wrote {out}")]
+    assert lines[0].startswith("cpu (TRITON_INTERPRET=1)")
+    assert table[0].split()[:3] == ["kernel", "shape", "ms"] and set(table[1]) <= {"-", " "}
+    assert [row.split()[0] for row in table[2:]] == [r["kernel"] for r in results]

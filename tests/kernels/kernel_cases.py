@@ -73,3 +73,23 @@ def dense_attention(q, k, v, scale, causal_offset=None):
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+LAYOUTS = ["contiguous", "fused", "head_major"]
+
+
+def kv_cache_in_layout(k_cache, v_cache, layout):
+    """The same cache values as [num_blocks, block_size, Hkv, D] views over another storage; the head dim stays
+    contiguous, every other stride changes:
+      fused       K and V side by side on the head axis of one [num_blocks, block_size, 2*Hkv, D] tensor
+      head_major  storage [num_blocks, Hkv, block_size, D], seen through a transpose
+    """
+    if layout == "contiguous":
+        return k_cache, v_cache
+    if layout == "fused":
+        heads = k_cache.shape[2]
+        storage = torch.cat((k_cache, v_cache), dim=2)
+        return storage[:, :, :heads], storage[:, :, heads:]
+    if layout == "head_major":
+        return tuple(c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
+    raise ValueError(layout)

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from kernel_cases import DTYPES, assert_close, make_paged_kv
+import triton
+
+from kernel_cases import DTYPES, LAYOUTS, assert_close, kv_cache_in_layout, make_paged_kv
 from semipd.kernels import DecodeWorkspace, load_ops
-from semipd.kernels.decode_attention import choose_num_splits
+from semipd.kernels.decode_attention import _block_n, choose_num_splits, make_workspace
 
 pytestmark = pytest.mark.kernels
 triton_ops, ref = load_ops("triton"), load_ops("torch")
@@ -30,12 +32,40 @@ def test_decode_matches_reference(dtype, group, num_kv_heads, num_splits):
     assert torch.equal(got[3], torch.zeros_like(got[3]))  # seq_len 0: zeros, not NaN
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+# Every dtype at head dim 128, and float32 at both GQA extremes; rows: two tiles, one token, empty, mid-tile.
+@pytest.mark.parametrize("dtype, group, num_kv_heads", [(torch.float16, 4, 1), (torch.bfloat16, 4, 1),
+                                                        (torch.float32, 1, 2), (torch.float32, 8, 1)])
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_decode_head_dim_128(dtype, num_splits):
-    q, kv = _case(4, 1, 128, dtype, seq_lens=[33, 5])
+def test_decode_head_dim_128(dtype, group, num_kv_heads, num_splits):
+    q, kv = _case(group, num_kv_heads, 128, dtype, seq_lens=[33, 1, 0, 5])
     args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 128 ** -0.5)
+    got = triton_ops.decode_attention(*args, num_splits=num_splits)
+    assert_close(got, ref.decode_attention(*args))
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_split_spans_several_tiles(dtype):
+    # 130 tokens in 2 splits: the first split runs 3 tiles, so its online softmax rescales what it has summed
+    # whenever a later tile raises the row maximum; the second ends in a partial tile; the merge joins them.
+    seq_lens, num_splits = [130, 70], 2
+    tiles = triton.cdiv(seq_lens[0], _block_n(interpreted=True))
+    assert triton.cdiv(tiles, num_splits) >= 2, "the tile size changed: lengthen the sequence to keep >1 tile"
+    q, kv = _case(4, 1, 64, dtype, seq_lens=seq_lens)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
     assert_close(triton_ops.decode_attention(*args, num_splits=num_splits), ref.decode_attention(*args))
+
+
+@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout != "contiguous"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_on_strided_kv_cache(layout, num_splits):
+    q, kv = _case(4, 2, 64, torch.float16)
+    expected = ref.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
+    k_cache, v_cache = kv_cache_in_layout(kv.k_cache, kv.v_cache, layout)
+    assert not k_cache.is_contiguous() and not v_cache.is_contiguous()
+    args = (q, k_cache, v_cache, kv.block_tables, kv.seq_lens, 0.125)
+    assert_close(triton_ops.decode_attention(*args, num_splits=num_splits), expected)
+    assert_close(ref.decode_attention(*args), expected)
 
 
 def test_decode_more_splits_than_tiles():
@@ -63,6 +93,22 @@ def test_decode_with_preallocated_workspace():
     assert_close(got, ref.decode_attention(*args))
 
 
+def test_make_workspace_holds_what_the_launcher_picks_and_no_more_than_the_tiles():
+    cpu = torch.device("cpu")
+    roomy = make_workspace(2, 8, 2, 64, max_seq_len=4096, device=cpu)
+    assert roomy.max_splits == choose_num_splits(2, 2, cpu) > 1
+    assert (roomy.max_batch, roomy.num_q_heads, roomy.head_dim) == (2, 8, 64)
+    # 40 tokens are 2 tiles under the interpreter: a third split would never have work.
+    assert make_workspace(1, 4, 1, 64, max_seq_len=40, device=cpu).max_splits == 2
+    # A batch smaller than the workspace's runs on it, split as far as the workspace allows (3, not 4).
+    workspace = make_workspace(3, 4, 1, 64, max_seq_len=128, device=cpu)
+    assert workspace.max_splits == 3 < choose_num_splits(2, 1, cpu)
+    workspace.partial_out.fill_(float("nan"))
+    q, kv = _case(4, 1, 64, torch.float32, seq_lens=[9, 70])
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
+    assert_close(triton_ops.decode_attention(*args, workspace), ref.decode_attention(*args))
+
+
 def test_decode_rejects_a_workspace_too_small():
     q, kv = _case(4, 2, 64, torch.float32, seq_lens=[9, 9, 9])
     workspace = DecodeWorkspace(max_batch=2, num_q_heads=8, head_dim=64, max_splits=4)
@@ -82,3 +128,9 @@ def test_decode_rejects_bad_gqa_ratio():
     q, kv = _case(1, 3, 64, torch.float32, seq_lens=[4])
     with pytest.raises(ValueError, match="multiple of KV heads"):
         triton_ops.decode_attention(q[:, :2], kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 1.0)
+
+
+def test_decode_rejects_a_head_dim_too_small_for_tl_dot():
+    q, kv = _case(1, 1, 8, torch.float32, seq_lens=[4])
+    with pytest.raises(ValueError, match=r"decode_attention: head_dim 8 .* need head_dim >= 16"):
+        triton_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 1.0)

@@ -14,16 +14,18 @@ def _inputs(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("hidden", [64, 96])  # 96: not a power of two, the tail is masked
-def test_rms_norm(dtype, hidden):
-    x, _ = _inputs((5, hidden), dtype)
+def test_rms_norm(dtype, tokens, hidden):
+    x, _ = _inputs((tokens, hidden), dtype)
     weight = torch.randn(hidden).to(dtype)
     assert_close(triton_ops.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_fused_residual(dtype):
-    x, residual = _inputs((4, 128), dtype, seed=3)
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_rms_norm_fused_residual(dtype, tokens):
+    x, residual = _inputs((tokens, 128), dtype, seed=3)
     weight = torch.randn(128).to(dtype)
     out, summed = triton_ops.rms_norm(x, weight, 1e-5, residual=residual)
     expected_out, expected_sum = ref.rms_norm(x, weight, 1e-5, residual=residual)

@@ -10,14 +10,15 @@ triton_ops, ref = load_ops("triton"), load_ops("torch")
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(4, 4, 64), (8, 1, 128), (4, 1, 64)])
-def test_rotary_matches_reference(dtype, num_q_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("positions", [[0, 1, 4095, 777, 3], [777]], ids=["5 tokens", "1 token"])
+def test_rotary_matches_reference(dtype, num_q_heads, num_kv_heads, head_dim, positions):
     cache = build_cos_sin_cache(head_dim, 4096, 500000.0,
                                 {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
     gen = torch.Generator().manual_seed(2)
-    positions = torch.tensor([0, 1, 4095, 777, 3])
+    positions = torch.tensor(positions)
     # q and k come out of one fused projection: strided views, not contiguous tensors.
-    qkv = torch.randn(5, num_q_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
+    qkv = torch.randn(len(positions), num_q_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
     q, k = qkv[:, :num_q_heads], qkv[:, num_q_heads:num_q_heads + num_kv_heads]
     before = qkv.clone()
     got_q, got_k = triton_ops.rotary_embedding(positions, q, k, cache)
