@@ -65,6 +65,9 @@ def was_rejected(body: dict) -> bool:
     return False
 
 
+SPEC_RETRIES = 10
+
+
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     locks = _Locks()
     crd = dict(group=names.GROUP, version=names.VERSION, plural=names.PLURAL, registry=registry)
@@ -95,9 +98,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                     f"cannot list {names.PLURAL}.{names.GROUP}{f' in {namespace}' if namespace else ''}: {e} "
                     "(is crds/semipdservice.yaml applied, and does the operator's RBAC allow it?)") from None
 
-    @kopf.on.resume(**crd, id="reconcile")
-    @kopf.on.create(**crd, id="reconcile")
-    @kopf.on.update(**crd, id="reconcile")
+    # kopf retries a TemporaryError (a 409, a 403) this many times for one change, then gives it up; the refresh
+    # timer keeps trying quietly at its interval, so a state that clears later still converges without a spec change.
+    spec_handler = dict(crd, id="reconcile", retries=SPEC_RETRIES)
+
+    @kopf.on.resume(**spec_handler)
+    @kopf.on.create(**spec_handler)
+    @kopf.on.update(**spec_handler)
     def reconcile_service(namespace, name, **_):
         try:
             run(namespace, name, skip_rejected=False)

@@ -80,7 +80,9 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
             _fail(kube, body, e.message, "Forbidden", emit, now, metrics)
             raise Retry(e.message, delay=60) from None
         if e.conflict:
-            # 409 from a create (AlreadyExists) or a name still held by an object being deleted: passes by itself.
+            # 409 from a create (AlreadyExists) or a name still held by an object being deleted: passes by itself,
+            # but say so while it lasts.
+            _fail(kube, body, e.message, "Conflict", emit, now, metrics)
             raise Retry(e.message) from None
         raise
 

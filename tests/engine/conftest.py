@@ -6,7 +6,7 @@
         httpx.get(server.url + "/health")
 
 `start_server` (per test) and `start_server_module` (per module) take the serve flags; `--model` defaults to the
-tiny llama and `--port` to a free port. Every server is stopped (SIGTERM, then SIGKILL) when its scope ends.
+tiny llama (`start_server_without_model` passes none) and `--port` to a free port. Every server is stopped (SIGTERM, then SIGKILL) when its scope ends.
 `default_server` is one shared server (max_model_len 2048) for tests that need no special flags.
 """
 import json
@@ -116,6 +116,14 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def start_server(tiny_llama_dir, tmp_path):
     launcher = _Launcher(tiny_llama_dir, tmp_path)
+    yield launcher
+    launcher.stop_all()
+
+
+@pytest.fixture
+def start_server_without_model(tmp_path):
+    """Like start_server, but no --model: `semipd serve` picks the embedded default itself."""
+    launcher = _Launcher(None, tmp_path)
     yield launcher
     launcher.stop_all()
 

@@ -7,7 +7,6 @@ import sys
 import httpx
 import pytest
 
-from conftest import launch
 from semipd.runtime.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.engine
@@ -21,9 +20,9 @@ def semipd(*args: str, env: dict | None = None, timeout: float = 300) -> subproc
                           timeout=timeout, env={**os.environ, **OFFLINE, **(env or {})})
 
 
-def test_serve_without_model_builds_the_embedded_default_and_serves_it(tmp_path):
+def test_serve_without_model_builds_the_embedded_default_and_serves_it(tmp_path, start_server_without_model):
     cache = tmp_path / "cache"
-    server = launch(None, tmp_path, env={"SEMIPD_CACHE": str(cache), **OFFLINE})
+    server = start_server_without_model(env={"SEMIPD_CACHE": str(cache), **OFFLINE})
     try:
         [card] = httpx.get(server.url + "/v1/models", timeout=10).json()["data"]
         assert card["id"] == "tiny-llama"

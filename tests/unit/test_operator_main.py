@@ -1,5 +1,6 @@
 """`semipd operator` wiring: kopf keeps its state under semipd.io, the CLI scopes namespaces, bad credentials
 are a clear error, and a rejected generation is not retried by background passes."""
+import kopf
 import kubernetes.client
 import pytest
 import yaml
@@ -53,3 +54,14 @@ def test_only_a_failed_current_generation_is_skipped():
     assert not handlers.was_rejected(body(3, "ApplyFailed", 2))   # the spec changed since: try it
     assert not handlers.was_rejected(body(2, "Forbidden", 2))     # RBAC can be fixed without a spec change
     assert not handlers.was_rejected(body(2, "Complete", 2))
+
+
+def test_the_spec_handler_gives_a_lasting_conflict_up_after_bounded_retries():
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, handlers.OperatorConfig(kube=None, connection=None))
+    spec = [h for h in registry._changing.get_all_handlers() if h.id == "reconcile"]
+    assert len(spec) == 3                                  # resume, create, update
+    assert all(h.retries == handlers.SPEC_RETRIES and 0 < h.retries <= 20 for h in spec)
+    # the refresh timer is the level-triggered loop that converges once a conflict clears: it never gives up
+    timers = [h for h in registry._spawning.get_all_handlers() if h.id == "refresh"]
+    assert timers and all(h.retries is None for h in timers)
