@@ -1,6 +1,9 @@
 """The loader: config parsing (both rope shapes), clear errors for broken model directories, in-place loading."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +227,43 @@ def test_real_sliding_window_is_refused_unless_the_serving_length_fits():
     assert parse_config(qwen, {}, "x").sliding_window is None
     with pytest.raises(ModelLoadError, match="sliding_window 1024"):
         parse_config({**qwen, "use_sliding_window": True, "max_window_layers": 0}, {}, "x")
+
+
+PEAK_ANON_SCRIPT = r"""
+import sys, threading, time
+import torch
+from semipd.kernels import load_ops
+from semipd.runtime.loader import load_model
+
+def anon_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+peak, done = [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_bytes())
+        time.sleep(0.0005)
+base = anon_bytes()
+sampler = threading.Thread(target=sample)
+sampler.start()
+model, _ = load_model(sys.argv[1], torch.float32, "cpu", load_ops("torch"), max_model_len=64)
+done.set()
+sampler.join()
+params = sum(p.numel() * p.element_size() for p in model.parameters())
+print(params, peak[0] - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from Linux's /proc")
+def test_loading_holds_the_weights_once_in_memory(tmp_path):
+    """Anonymous memory at its peak during load_model stays near one copy of the weights. The checkpoint is read
+    through safetensors' file mapping (file-backed pages, not anonymous), so a loader that first built a state
+    dict, or copied each tensor through an intermediate, would show about two copies."""
+    path = write_tiny_model(tmp_path / "m", "llama", hidden_size=512, intermediate_size=1536, num_layers=8,
+                            num_heads=8, num_kv_heads=4, vocab_size=16000)
+    out = subprocess.run([sys.executable, "-c", PEAK_ANON_SCRIPT, str(path)], capture_output=True, text=True,
+                         check=True, timeout=300)
+    params, peak = map(int, out.stdout.split())
+    assert params > 100 * 2**20                    # big enough that a second copy would stand out
+    assert peak < 1.4 * params, f"peak anonymous memory {peak / 2**20:.0f} MiB for {params / 2**20:.0f} MiB of weights"
