@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from semipd.runtime.config import cpu_share
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("SEMIPD_CACHE", Path.home() / ".cache" / "semipd")) / "bench"
 MODEL_MARKER = "bench-model.json"
@@ -320,9 +322,8 @@ def run_semipd_inprocess(model_dir: Path, work: Workload, threads: int | None) -
     finally:
         engine.shutdown()
     tokens = sum(r.tokens for r in results)
-    per_worker = engine.config.torch_threads or max(1, (os.cpu_count() or 2) // 2)
     return Row("semipd (in-process)", wall, tokens, tokens, results,
-               note=f"Engine.generate, {per_worker} torch thread(s) per worker")
+               note=f"Engine.generate, {cpu_share(threads)} torch thread(s) per worker while both work")
 
 
 # ---- where the engine's time goes (py-spy) -----------------------------------------------------------------
@@ -581,12 +582,13 @@ def main(argv: list[str] | None = None) -> int:
                          args.seed)
     info = machine_info()
     engine_threads = args.engine_threads
-    per_worker = engine_threads or max(1, (os.cpu_count() or 2) // 2)
+    per_worker = cpu_share(engine_threads)
     print(f"model {model_dir} ({shape.name}, {n_params / 1e6:.1f}M parameters, float32, CPU)")
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['loadavg'][0]:.2f}; "
           f"torch {info['torch']}, transformers {info['transformers']}")
     print(f"threads: transformers torch.set_num_threads(n) for n in {args.hf_threads}; semipd 2 workers x {per_worker} "
-          f"intra-op thread(s) each ({'--engine-threads' if engine_threads else 'engine default: cores // 2'})")
+          f"thread(s) while both work, a lone worker twice as many "
+          f"({'--engine-threads' if engine_threads else 'engine default: half the cores'})")
     print(f"workload: {len(work.prompts)} requests at t=0; prompt tokens {[len(x) for x in work.prompts]} "
           f"(sum {sum(len(x) for x in work.prompts)}); output tokens ({work.distribution}) {work.output_lens} "
           f"(sum {sum(work.output_lens)}, max {max(work.output_lens)})")

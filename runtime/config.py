@@ -6,6 +6,18 @@ from pathlib import Path
 DEFAULT_CACHE_DIR = Path(os.environ.get("SEMIPD_CACHE", Path.home() / ".cache" / "semipd"))
 
 
+def cpu_share(torch_threads: int | None) -> int:
+    """Threads each CPU worker gets while both work (a lone worker takes twice as many): the flag, or half the
+    cores this process may use (a container's cpuset, not the host's count)."""
+    if torch_threads:
+        return torch_threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 2
+    return max(1, cores // 2)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     model: str                                  # Hugging Face model directory

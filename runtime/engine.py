@@ -10,7 +10,6 @@ Each worker asks the partition controller, at the top of every iteration, which 
 """
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -18,7 +17,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from semipd.runtime.config import EngineConfig
+from semipd.runtime.config import EngineConfig, cpu_share
 from semipd.runtime.detokenizer import Detokenizer
 from semipd.runtime.metrics import EngineMetrics
 from semipd.runtime.model_runner import ModelRunner
@@ -42,8 +41,7 @@ class Engine:
         self.runner = ModelRunner(config)
         # CPU: while both phases work each worker gets its share of the cores; a worker whose peer is idle
         # takes both shares. Thread counts are per OS thread in torch, so each worker sets its own.
-        self._cpu_share = (config.torch_threads or max(1, _available_cores() // 2)) \
-            if self.runner.device.type == "cpu" else None
+        self._cpu_share = cpu_share(config.torch_threads) if self.runner.device.type == "cpu" else None
         self._busy = {"prefill": False, "decode": False}
         self.block_manager = self.runner.block_manager
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -379,13 +377,6 @@ class Engine:
         self.metrics.kv_usage.set(self.block_manager.usage)
         self.metrics.phase(self.metrics.queue_length, "prefill").set(waiting)
         self.metrics.phase(self.metrics.queue_length, "decode").set(handoff)
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))       # what this process may use (a container's cpuset), not the host
-    except AttributeError:
-        return os.cpu_count() or 2
 
 
 def _on_stream(stream):
