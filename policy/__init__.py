@@ -1,0 +1,1 @@
+"""semipd policy: SLO observations in, SM splits and replica counts (with reasons) out. No torch, no Kubernetes."""
