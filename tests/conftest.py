@@ -22,3 +22,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+# The control plane the cluster and system tiers share (tests/cluster_harness.py). The fixtures live here, at
+# the root, so both folders see them and one pytest run starts ONE control plane; the harness module (and the
+# kubernetes client) is imported only when a test asks for one, so the unit tier stays quick.
+@pytest.fixture(scope="session")
+def control_plane(request, tmp_path_factory):
+    """A real kube-apiserver + etcd (+ kube-controller-manager) on loopback, one per session; skips (fails under
+    SEMIPD_REQUIRE_CLUSTER=1) when it cannot be had here."""
+    import cluster_harness
+    yield from cluster_harness.run_control_plane(request, tmp_path_factory)
+
+
+@pytest.fixture
+def namespace(control_plane) -> str:
+    """A fresh namespace per test, deleted afterwards."""
+    import cluster_harness
+    yield from cluster_harness.fresh_namespace(control_plane)

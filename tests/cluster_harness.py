@@ -1,4 +1,6 @@
-"""The cluster tier's control plane: a real kube-apiserver + etcd (+ kube-controller-manager) on loopback.
+"""The control plane the cluster and system tiers share: a real kube-apiserver + etcd (+ kube-controller-manager)
+on loopback. tests/conftest.py turns it into the `control_plane` (one per session) and `namespace` fixtures and
+imports this module only when a test asks for them, so the unit tier never loads it.
 
 Where it comes from, first match wins:
 1. ``KUBEBUILDER_ASSETS``: a directory with ``etcd`` and ``kube-apiserver``, and ``kube-controller-manager``
@@ -7,7 +9,7 @@ Where it comes from, first match wins:
    With ``SEMIPD_BUILD_CONTROLPLANE=1`` the fixture builds it when missing, streaming progress (a cold
    build takes tens of minutes: raise pytest's --timeout for that run).
 
-When neither is there the cluster tests skip, saying how to get one; with ``SEMIPD_REQUIRE_CLUSTER=1``
+When neither is there the cluster and system tests skip, saying how to get one; with ``SEMIPD_REQUIRE_CLUSTER=1``
 (CI sets it) they fail instead. There is no kubelet and no scheduler: pods stay Pending.
 """
 
@@ -31,7 +33,7 @@ import kubernetes
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / ".ci" / "build-controlplane.sh"
 READY_TIMEOUT_S = float(os.environ.get("SEMIPD_CONTROLPLANE_TIMEOUT", "180"))
 HOW_TO_GET = (
@@ -86,8 +88,8 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def control_plane(request, tmp_path_factory) -> ControlPlane:
+def run_control_plane(request, tmp_path_factory):
+    """Generator behind the `control_plane` fixture: start, yield the ControlPlane, stop."""
     workdir = tmp_path_factory.mktemp("controlplane")
     procs: list[tuple[str, subprocess.Popen]] = []
     try:
@@ -106,9 +108,9 @@ def control_plane(request, tmp_path_factory) -> ControlPlane:
     _stop(procs)
 
 
-@pytest.fixture
-def namespace(control_plane) -> str:
-    """A fresh namespace per test, deleted afterwards (without waiting: deletion finishes in the background)."""
+def fresh_namespace(control_plane: ControlPlane):
+    """Generator behind the `namespace` fixture: a fresh namespace, deleted afterwards (without waiting:
+    deletion finishes in the background)."""
     core = kubernetes.client.CoreV1Api(control_plane.api_client())
     name = f"t-{uuid.uuid4().hex[:10]}"
     core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=name)))
