@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from semipd.operator.kube import Kube
+from semipd.operator.kube import Kube, path as kube_path
 
 
 def free_port() -> int:
@@ -129,10 +129,12 @@ class LocalPod:
     """Runs what a kubelet would run for one pod, here, as a local process: the engine container's command
     and arguments exactly as the operator built them, with each mount path mapped to a local directory
     (hostPath as is; the Secret's keys and the downward-API files written out, the latter kept in step with
-    the pod's annotations as the kubelet does), listening on 127.0.0.1. Used with FakeKubelet.report_ready."""
+    the pod's annotations as the kubelet does), listening on ``host`` (a loopback address: several pods can then
+    share the container port, as pods with their own IPs do). Used with FakeKubelet.report_ready."""
 
-    def __init__(self, kube: Kube, pod: dict, workdir: Path, sync_interval: float = 0.5):
+    def __init__(self, kube: Kube, pod: dict, workdir: Path, sync_interval: float = 0.5, host: str = "127.0.0.1"):
         self.kube = kube
+        self.host = host
         self.pod = pod
         self.namespace = pod["metadata"]["namespace"]
         self.name = pod["metadata"]["name"]
@@ -143,6 +145,10 @@ class LocalPod:
         self._downward: list[tuple[Path, list[dict]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sync_loop, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -203,7 +209,9 @@ class LocalPod:
 
         args = [remap(a) for a in container.get("args") or []]
         if "--host" in args:
-            args[args.index("--host") + 1] = "127.0.0.1"
+            args[args.index("--host") + 1] = self.host
+        else:
+            args += ["--host", self.host]
         self.port = int(args[args.index("--port") + 1])
         if container.get("command") != ["semipd"]:
             raise ValueError(f"unexpected command {container.get('command')}")
@@ -216,13 +224,23 @@ class LocalPod:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         self._thread.start()
-
-        def healthy():
+        # Not poll(): an engine that exits, or a stop() from another thread (a stand-in kubelet whose pod was
+        # deleted while it started), must end the wait at once rather than at the deadline.
+        deadline = time.monotonic() + health_timeout
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200
-        poll(healthy, health_timeout, interval=0.5, what="the engine's /health", log=self.log)
-        return self
+            if self._stop.is_set():
+                raise RuntimeError("stopped before its /health answered")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {health_timeout:g} s waiting for the engine's /health:\n"
+                                     f"{self.log()[-6000:]}")
+            time.sleep(0.5)
 
     def log(self) -> str:
         try:
@@ -239,3 +257,132 @@ class LocalPod:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class LocalKubelet:
+    """A stand-in kubelet (fake: the test control plane has none) for the pods of one SemiPDService: it polls
+    the service's pods through the API server and, for each new one, gives it its own loopback address
+    (127.0.0.2, 127.0.0.3, ...: all of 127.0.0.0/8 is loopback on Linux, so every pod keeps the container port,
+    as pods with their own IPs do), runs it as a LocalPod on that address and, once /health answers, reports it
+    Running and Ready with that podIP. A deleted pod's process is stopped. Pods start concurrently, each in its
+    own thread, since one engine takes 10-20 s to come up on a busy machine.
+
+        kubelet = LocalKubelet(kube, namespace, "tiny", tmp_path / "pods").start()
+        pods = kubelet.wait_running(2)     # {pod name: LocalPod}, each serving on pods[name].url
+        pids = kubelet.pids()              # {pod name: process id}; equal later = nothing restarted
+        kubelet.stop()                     # every engine, SIGTERM then SIGKILL
+    """
+
+    def __init__(self, kube: Kube, namespace: str, service: str, workdir: Path, interval: float = 0.5,
+                 health_timeout: float = 180.0):
+        from semipd.operator import names
+        self.kube = kube
+        self.namespace = namespace
+        self.selector = names.selector_string(service)
+        self.workdir = Path(workdir)
+        self.interval = interval
+        self.health_timeout = health_timeout
+        self.pods: dict[str, LocalPod] = {}      # running (or starting) pods by name
+        self.started: list[tuple[str, str, int]] = []  # (pod, address, pid) for every engine ever started
+        self.errors: dict[str, str] = {}        # pods whose engine failed to start: why
+        self._uids: dict[str, str] = {}         # pod name -> the uid we run under that name
+        self._seen: set[str] = set()            # uids ever started
+        self._ready: set[str] = set()
+        self._next_address = 2
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._starters: list[threading.Thread] = []
+
+    def start(self) -> "LocalKubelet":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sync()
+            except Exception:
+                pass  # a transient API error: the next pass sees the same pods again
+            self._stop.wait(self.interval)
+
+    def _sync(self) -> None:
+        listed = {p["metadata"]["uid"]: p for p in self.kube.list("v1", "pods", self.namespace, self.selector)}
+
+        def deleted(uid):
+            return uid not in listed or listed[uid]["metadata"].get("deletionTimestamp") is not None
+        with self._lock:
+            stopping = [(uid, self.pods.pop(name)) for name, uid in list(self._uids.items())
+                        if name in self.pods and deleted(uid)]
+            for _, local in stopping:
+                self._ready.discard(local.name)
+            for uid, pod in listed.items():
+                if uid in self._seen or deleted(uid):
+                    continue
+                self._seen.add(uid)  # a pod is started once: a failed engine is reported, not restarted
+                name = pod["metadata"]["name"]
+                self._uids[name] = uid
+                local = LocalPod(self.kube, pod, self.workdir / name, host=f"127.0.0.{self._next_address}")
+                self._next_address += 1  # never reused, so no new pod meets an old one's lingering sockets
+                self.pods[name] = local
+                starter = threading.Thread(target=self._run, args=(local,), daemon=True)
+                self._starters.append(starter)
+                starter.start()
+        for uid, local in stopping:
+            local.stop()
+            if uid in listed:  # what a kubelet does once the containers are gone: finish the graceful deletion
+                self.kube.request("DELETE", kube_path("v1", "pods", self.namespace, local.name),
+                                  query={"gracePeriodSeconds": "0"})
+
+    def _run(self, local: LocalPod) -> None:
+        (self.workdir / local.name).mkdir(parents=True, exist_ok=True)
+        error = None
+        try:
+            local.start(health_timeout=self.health_timeout)
+            FakeKubelet(self.kube).report_ready(self.namespace, local.name, ip=local.host)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        with self._lock:
+            current = self.pods.get(local.name) is local  # not deleted (or the kubelet stopped) meanwhile
+            if current and error is None:
+                self.started.append((local.name, local.host, local.proc.pid))
+                self._ready.add(local.name)
+            elif current:
+                self.errors[local.name] = error
+        if error is not None or not current:
+            local.stop()
+
+    def wait_running(self, count: int, timeout: float = 180.0) -> dict[str, LocalPod]:
+        """Wait until exactly ``count`` pods serve and are reported Ready; an engine that failed to start fails
+        the wait at once, with its log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self.errors:
+                    raise AssertionError(f"an engine failed to start: {self.errors}")
+                ready = {n: p for n, p in self.pods.items() if n in self._ready}
+                if len(ready) == count == len(self.pods):
+                    return ready
+                seen = {n: ("ready" if n in ready else "starting") for n in self.pods}
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {count} pods serving and Ready; "
+                                     f"pods: {seen}")
+            time.sleep(0.5)
+
+    def pids(self) -> dict[str, int]:
+        """Process id of each running pod's engine."""
+        with self._lock:
+            return {n: p.proc.pid for n, p in self.pods.items() if p.proc is not None and p.proc.poll() is None}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self._lock:
+            pods = list(self.pods.values())
+            self.pods.clear()
+        threads = [threading.Thread(target=p.stop) for p in pods]  # each waits for its engine's graceful exit
+        for t in threads:
+            t.start()
+        for t in threads + self._starters:  # a start still under way ends at once: its pod was stopped
+            t.join()
