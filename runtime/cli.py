@@ -10,7 +10,7 @@ from pathlib import Path
 # libgomp reads this once, when torch loads it, so it is set before anything imports torch; the user's wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from semipd.runtime.config import EngineConfig, ServerConfig  # noqa: E402
+from semipd.runtime.config import EngineConfig, ServerConfig, SloSettings, check_partition_policy  # noqa: E402
 
 
 def _serve_parser(sub) -> argparse.ArgumentParser:
@@ -38,11 +38,28 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
                    help="auto: green contexts on CUDA when the driver has them, else shared streams; cpu without GPU")
     p.add_argument("--sm-split", help="initial split: prefill=N (SMs) or prefill=F (fraction, rounded to what the "
                                       "device allows)")
-    p.add_argument("--partition-policy", default="static", choices=["static", "external"],
-                   help="static: the split changes only when told; external: an operator sets it through the "
-                        "admin API or the partition file")
+    p.add_argument("--partition-policy", default="external", choices=["external", "static", "slo"],
+                   help="who moves the split: external: the admin API (PUT /admin/partition) and --partition-file "
+                        "(an operator); static: nobody, the start-up split stays (PUT answers 409); slo: the "
+                        "in-engine SLO policy on the engine's own measurements (needs --slo-ttft-ms and/or "
+                        "--slo-tpot-ms; PUT answers 409)")
     p.add_argument("--partition-file", help="file to watch for the split (the downward-API projection of the pod "
-                                            "annotation semipd.io/sm-partition)")
+                                            "annotation semipd.io/sm-partition); external policy only")
+    p.add_argument("--emulate-sm-share", action="store_true",
+                   help="cpu partition backend only: a named stand-in for SM isolation, not a partition. Each step "
+                        "that computed t seconds on share s of the SMs waits t*(1/s - 1) more, so moving SMs to a "
+                        "phase measurably speeds it up and slows the other, as on a GPU")
+    slo = p.add_argument_group("in-engine SLO policy (--partition-policy slo)")
+    slo.add_argument("--slo-ttft-ms", type=float, help="TTFT target in milliseconds at --slo-percentile")
+    slo.add_argument("--slo-tpot-ms", type=float, help="TPOT target in milliseconds at --slo-percentile")
+    slo.add_argument("--slo-percentile", type=float, default=90.0, help="percentile both targets are read at")
+    slo.add_argument("--partition-min", type=float, default=0.1, help="smallest prefill share the policy sets")
+    slo.add_argument("--partition-max", type=float, default=0.9, help="largest prefill share the policy sets")
+    slo.add_argument("--partition-step", type=float, default=0.05, help="largest move of one feedback decision")
+    slo.add_argument("--partition-cooldown", type=float, default=30.0, help="seconds between two split changes")
+    slo.add_argument("--policy-interval", type=float, default=5.0, help="seconds between two decisions")
+    slo.add_argument("--policy-window", type=float, default=30.0,
+                     help="seconds of the engine's own measurements each decision reads")
     p.add_argument("--admin-token-file", help="bearer token for /admin/* (or set SEMIPD_ADMIN_TOKEN)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
@@ -67,22 +84,41 @@ def _admin_token(path: str | None) -> str | None:
     return os.environ.get("SEMIPD_ADMIN_TOKEN") or None
 
 
+def _refuse(message: str) -> int:
+    """A flag combination that cannot work: one line and exit status 2, as argparse does for a bad flag."""
+    print(f"semipd serve: error: {message}", file=sys.stderr)
+    return 2
+
+
 def serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = args.model
-    if model is None:
-        from semipd.runtime.tiny_model import default_model_dir
-        model = str(default_model_dir())
-        logging.getLogger("semipd").info("no --model given: serving the embedded tiny random model at %s", model)
     engine_config = EngineConfig(
-        model=model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_waiting=args.max_num_waiting,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         kernel_backend=args.kernel_backend, partition_backend=args.partition_backend, sm_split=args.sm_split,
         partition_file=args.partition_file, cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
-        torch_threads=args.torch_threads)
+        torch_threads=args.torch_threads, partition_policy=args.partition_policy,
+        emulate_sm_share=args.emulate_sm_share,
+        slo=SloSettings(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, percentile=args.slo_percentile,
+                        partition_min=args.partition_min, partition_max=args.partition_max,
+                        partition_step=args.partition_step, partition_cooldown=args.partition_cooldown,
+                        interval=args.policy_interval, window=args.policy_window))
+    try:
+        check_partition_policy(engine_config)
+    except ValueError as exc:
+        return _refuse(str(exc))
+    if args.emulate_sm_share and args.partition_backend not in ("auto", "cpu"):
+        return _refuse(f"--emulate-sm-share needs --partition-backend cpu (it is {args.partition_backend}): "
+                       "a real partition must not be slowed by a stand-in")
+    if engine_config.model is None:       # after the flag checks: a refused command writes nothing
+        from semipd.runtime.tiny_model import default_model_dir
+        engine_config.model = str(default_model_dir())
+        logging.getLogger("semipd").info("no --model given: serving the embedded tiny random model at %s",
+                                         engine_config.model)
     server_config = ServerConfig(host=args.host, port=args.port, admin_token=_admin_token(args.admin_token_file),
+                                 admin_token_file=args.admin_token_file,
                                  graceful_timeout=args.graceful_timeout, log_level=args.log_level)
     from semipd.runtime.server import serve as run_server
     return run_server(engine_config, server_config)

@@ -1,5 +1,6 @@
 """Engine and server configuration. `semipd serve` flags map one to one onto these fields."""
 import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,23 @@ def cpu_share(torch_threads: int | None) -> int:
     except AttributeError:
         cores = os.cpu_count() or 2
     return max(1, cores // 2)
+
+
+PARTITION_POLICIES = ("external", "static", "slo")
+
+
+@dataclass(slots=True)
+class SloSettings:
+    """The in-engine SLO policy (`--partition-policy slo`): its targets, split bounds and clocks."""
+    ttft_ms: float | None = None                # TTFT target at `percentile`; None: not steered towards
+    tpot_ms: float | None = None                # TPOT target at `percentile`
+    percentile: float = 90.0
+    partition_min: float = 0.1                  # prefill share bounds the policy stays within
+    partition_max: float = 0.9
+    partition_step: float = 0.05                # largest feedback move
+    partition_cooldown: float = 30.0            # seconds between two split changes
+    interval: float = 5.0                       # seconds between two decisions
+    window: float = 30.0                        # seconds of measurements each decision reads
 
 
 @dataclass(slots=True)
@@ -35,6 +53,9 @@ class EngineConfig:
     partition_backend: str = "auto"             # auto | greenctx | shared | cpu
     sm_split: str | None = None                 # initial split, "prefill=64" or "prefill=0.5"
     partition_file: str | None = None           # watched file holding the semipd.io/sm-partition value
+    partition_policy: str = "external"          # external: admin API and file | static | slo: in-engine policy
+    slo: SloSettings = field(default_factory=SloSettings)
+    emulate_sm_share: bool = False              # cpu backend: stretch each step to its SM share (a stand-in)
     cuda_graphs: bool = True                    # decode CUDA graphs (per split) on CUDA
     seed: int = 0
     torch_threads: int | None = None            # CPU only: threads per worker while both work (a lone one
@@ -45,11 +66,46 @@ class EngineConfig:
         return self.served_model_name or Path(self.model).name
 
 
+def check_partition_policy(config: EngineConfig) -> None:
+    """One owner per split: a ValueError (one line, in flag names) for a combination that would give it two, or
+    for SLO settings that cannot work. `semipd serve` turns it into exit status 2; Engine into 'cannot start'."""
+    policy, slo = config.partition_policy, config.slo
+    if policy not in PARTITION_POLICIES:
+        raise ValueError(f"--partition-policy {policy!r}: choose one of {', '.join(PARTITION_POLICIES)}")
+    targets = (slo.ttft_ms, slo.tpot_ms)
+    if policy != "slo":
+        if any(t is not None for t in targets):
+            raise ValueError(f"--slo-ttft-ms/--slo-tpot-ms need --partition-policy slo (it is {policy}): "
+                             "only the in-engine policy reads them")
+        if policy == "static" and config.partition_file:
+            raise ValueError("--partition-file cannot be used with --partition-policy static (the split would "
+                             "follow the file); use --partition-policy external")
+        return
+    if config.partition_file:
+        raise ValueError("--partition-file cannot be used with --partition-policy slo: the in-engine SLO "
+                         "policy owns the split; use --partition-policy external to follow the file")
+    if all(t is None for t in targets):
+        raise ValueError("--partition-policy slo needs a target: --slo-ttft-ms and/or --slo-tpot-ms")
+    positive = {"--slo-ttft-ms": slo.ttft_ms, "--slo-tpot-ms": slo.tpot_ms, "--policy-interval": slo.interval,
+                "--policy-window": slo.window, "--partition-step": slo.partition_step}
+    for flag, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    if not 0 < slo.percentile < 100:
+        raise ValueError(f"--slo-percentile must be between 0 and 100 (exclusive), got {slo.percentile}")
+    if not 0 < slo.partition_min < slo.partition_max < 1:
+        raise ValueError(f"--partition-min and --partition-max must satisfy 0 < min < max < 1 (prefill shares), "
+                         f"got {slo.partition_min} and {slo.partition_max}")
+    if not (math.isfinite(slo.partition_cooldown) and slo.partition_cooldown >= 0):
+        raise ValueError(f"--partition-cooldown must be zero or more seconds, got {slo.partition_cooldown}")
+
+
 @dataclass(slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None              # from --admin-token-file or SEMIPD_ADMIN_TOKEN
+    admin_token_file: str | None = None         # re-read when it changes (a re-created Secret)
     graceful_timeout: float = 30.0              # seconds in-flight requests get after SIGTERM
     log_level: str = "info"
     extra: dict = field(default_factory=dict)

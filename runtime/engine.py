@@ -7,6 +7,8 @@ paged KV pool.
 - decode worker: continuous batching up to max_num_seqs. When the pool runs out of blocks it preempts the newest
   request, which goes back to the front of the prefill queue to be recomputed.
 Each worker asks the partition controller, at the top of every iteration, which SM split and stream to use.
+Who sets the split is config.partition_policy: external writers (admin API, partition file), nobody (static), or
+the in-engine SLO policy (runtime/slo_loop.py), which reads the engine's own recent measurements (self.recent).
 """
 import asyncio
 import logging
@@ -17,11 +19,12 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from semipd.runtime.config import EngineConfig, cpu_share
+from semipd.runtime.config import EngineConfig, check_partition_policy, cpu_share
 from semipd.runtime.detokenizer import Detokenizer
 from semipd.runtime.metrics import EngineMetrics
 from semipd.runtime.model_runner import ModelRunner
-from semipd.runtime.partition import PartitionController, PartitionFileWatcher, make_backend
+from semipd.runtime.partition import PartitionController, PartitionFileWatcher, emulated_wait, make_backend
+from semipd.runtime.recent import RecentSamples
 from semipd.runtime.sampling import SamplingParams, sample
 from semipd.runtime.sequence import RequestOutput, Sequence, Status
 
@@ -37,6 +40,7 @@ class EngineOverloaded(RuntimeError):
 class Engine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
+        check_partition_policy(config)
         self.config = config
         self.runner = ModelRunner(config)
         # CPU: while both phases work each worker gets its share of the cores; a worker whose peer is idle
@@ -52,14 +56,22 @@ class Engine:
         self.eos_token_ids = set(self.runner.model_config.eos_token_ids)
         self.created = int(time.time())
         self.metrics = EngineMetrics(self.model_name)
-        self.partition = PartitionController(make_backend(config.partition_backend, self.runner.device),
-                                             self.metrics, initial=config.sm_split)
+        self.recent = RecentSamples()
+        backend = make_backend(config.partition_backend, self.runner.device)
+        if config.emulate_sm_share and backend.name != "cpu":
+            raise ValueError(f"--emulate-sm-share is for the cpu partition backend only (this engine uses "
+                             f"{backend.name}): a real partition must not be slowed by a stand-in")
+        self.partition = PartitionController(backend, self.metrics, initial=config.sm_split)
         if self.runner.device.type == "cuda" and config.cuda_graphs:
             backend = self.partition.backend
             self.runner.capture_decode_graphs([backend.streams(s)[1] for s in backend.splits.values()],
                                               config.max_num_seqs)
         self._file_watcher = (PartitionFileWatcher(config.partition_file, self.partition)
                               if config.partition_file else None)
+        self.slo_loop = None
+        if config.partition_policy == "slo":
+            from semipd.runtime.slo_loop import SloLoop
+            self.slo_loop = SloLoop(self, config.slo)
         self._lock = threading.Condition(threading.RLock())   # guards the queues below, wakes idle workers
         self._waiting: deque[Sequence] = deque()     # not yet prefilled (FCFS; preempted requests go first)
         self._prefilling: list[Sequence] = []        # admitted, prompt partly computed (chunked prefill)
@@ -77,6 +89,8 @@ class Engine:
     def start(self):
         if self._file_watcher:
             self._file_watcher.start()
+        if self.slo_loop:
+            self.slo_loop.start()
         for t in self._threads:
             t.start()
 
@@ -86,6 +100,8 @@ class Engine:
             self._lock.notify_all()
         if self._file_watcher:
             self._file_watcher.stop()
+        if self.slo_loop:
+            self.slo_loop.stop()
         for t in self._threads:
             if t.is_alive():
                 t.join(timeout)
@@ -118,6 +134,11 @@ class Engine:
             self._by_id[request_id] = seq
             self._waiting.append(seq)
             self._lock.notify_all()
+        n = len(prompt_token_ids)
+        self.metrics.arrivals.inc()
+        self.metrics.arrived_prompt_tokens.inc(n)
+        self.recent.count("arrivals")
+        self.recent.count("arrived_prompt_tokens", n)
         self._update_gauges()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -155,6 +176,11 @@ class Engine:
     def num_unfinished(self) -> int:
         with self._lock:
             return len(self._by_id)
+
+    def queue_state(self) -> tuple[int, int, float]:
+        """Requests waiting for prefill, prefilled ones waiting for a decode slot, and the KV pool's usage."""
+        with self._lock:
+            return len(self._waiting), len(self._handoff), self.block_manager.usage
 
     # ---- worker loops -----------------------------------------------------------------------------------------
     def _loop(self, phase: str, step: Callable[[], bool]):
@@ -199,7 +225,10 @@ class Engine:
                 # chunk could run on another split's stream before this one has written its KV, and an abort
                 # could free blocks that kernels still write.
                 stream.synchronize()
-        self.metrics.step("prefill", time.monotonic() - started, sum(n for _, n in chunks))
+        self._emulate_share("prefill", split, time.monotonic() - started)
+        prefilled = sum(n for _, n in chunks)
+        self.metrics.step("prefill", time.monotonic() - started, prefilled)
+        self.recent.count("prefilled_tokens", prefilled)
         now = time.monotonic()
         with self._lock:
             for seq, n in chunks:
@@ -271,6 +300,7 @@ class Engine:
                     seq.ready_event = None
             logits = self.runner.decode(batch, stream)
             tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
+        self._emulate_share("decode", split, time.monotonic() - started)
         self.metrics.step("decode", time.monotonic() - started, len(batch))
         now = time.monotonic()
         with self._lock:
@@ -288,6 +318,16 @@ class Engine:
             self._lock.notify_all()
         self._update_gauges()
         return True
+
+    def _emulate_share(self, phase: str, split, computed: float) -> None:
+        """--emulate-sm-share (cpu backend): stretch the step to what it would take on its share of the SMs, before
+        its tokens are released, so latencies and step times feel the split. The stop event's wait keeps
+        shutdown prompt."""
+        if not self.config.emulate_sm_share:
+            return
+        extra = emulated_wait(computed, self.partition.share(phase, split))
+        self.metrics.phase(self.metrics.emulated_wait, phase).inc(extra)
+        self._stop.wait(extra)
 
     def _schedule_decode(self) -> list[Sequence]:
         with self._lock:
@@ -315,6 +355,7 @@ class Engine:
         seq.status = Status.WAITING
         self._waiting.appendleft(seq)
         self.metrics.preemptions.inc()
+        self.recent.count("preemptions")
         log.debug("preempted %s (%d tokens) for recompute", seq.request_id, seq.num_tokens)
 
     # ---- output -----------------------------------------------------------------------------------------------
@@ -323,9 +364,11 @@ class Engine:
         seq.output_token_ids.append(token)
         seq.pending_ids.append(token)
         self.metrics.generation_tokens.inc()
+        self.recent.count("output_tokens")
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.metrics.ttft.observe(now - seq.arrival_time)
+            self.recent.ttft(now - seq.arrival_time)
         elif seq.last_token_time is not None:
             self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
@@ -364,7 +407,9 @@ class Engine:
             now = time.monotonic()
             self.metrics.e2e.observe(now - seq.arrival_time)
             if len(seq.output_token_ids) > 1:
-                self.metrics.tpot.observe((now - seq.first_token_time) / (len(seq.output_token_ids) - 1))
+                tpot = (now - seq.first_token_time) / (len(seq.output_token_ids) - 1)
+                self.metrics.tpot.observe(tpot)
+                self.recent.tpot(tpot)
         self._emit(seq, finished=True)
         self._update_gauges()      # a purge of aborted requests can leave an empty batch: no step would update them
 

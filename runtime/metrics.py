@@ -53,6 +53,14 @@ class EngineMetrics:
         self.step_seconds = make(Histogram, "semipd:step_seconds", "Duration of one worker iteration.",
                                  extra=["phase"], buckets=STEP_BUCKETS)
         self.step_tokens = make(Counter, "semipd:step_tokens", "Tokens computed by each phase.", extra=["phase"])
+        # arrivals, not work done: vllm:prompt_tokens counts a prompt once prefilled, so it cannot show a queue
+        # piling up; these count requests (and their prompt tokens) as they are accepted into the queue
+        self.arrivals = make(Counter, "semipd:request_arrivals", "Requests accepted into the prefill queue.")
+        self.arrived_prompt_tokens = make(Counter, "semipd:arrived_prompt_tokens",
+                                          "Prompt tokens of the requests accepted into the prefill queue.")
+        self.emulated_wait = make(Counter, "semipd:emulated_wait_seconds",
+                                  "Time --emulate-sm-share added to each phase's steps (cpu backend stand-in).",
+                                  extra=["phase"])
 
     def phase(self, metric, phase: str):
         return metric.labels(phase=phase, **self._values)

@@ -10,7 +10,10 @@ Backends:
 - shared: two ordinary CUDA streams over the whole GPU; no isolation (the "unified" baseline).
 - cpu: no GPU. Applies the driver's rounding rules for a given SM count; on it the controller records which split
   each phase used for each step (PartitionController.history), so the switching logic is tested without a GPU.
-  It is a named stand-in, not a partition.
+  It is a named stand-in, not a partition. With `--emulate-sm-share` a split also costs what it would on a GPU,
+  to first order: a step that computed t seconds on share s of the SMs waits t*(1/s - 1) more (emulated_wait),
+  so moving SMs to a phase shortens its steps and lengthens the other's. That is a stand-in too: a linear
+  compute-bound model, not a measurement of any GPU (memory-bound decode scales less than linearly).
 """
 import json
 import logging
@@ -39,6 +42,14 @@ class PartitionError(ValueError):
 class Split:
     prefill_sms: int
     decode_sms: int
+
+
+def emulated_wait(seconds: float, share: float) -> float:
+    """The extra time a step that computed `seconds` with the whole machine would take on `share` (0-1] of the
+    SMs if its time scaled inversely with them: the cpu backend's --emulate-sm-share."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"an SM share must be in (0, 1], got {share}")
+    return seconds * (1.0 / share - 1.0)
 
 
 def candidate_prefill_sms(total_sms: int, granularity: int) -> list[int]:
@@ -254,6 +265,7 @@ class PartitionController:
         self._pending_phases: set[str] = set()
         self._switch_started: float | None = None
         self.switches = 0
+        self.changed_at: float | None = None     # monotonic time of the last change after start-up
         self.applied = {"prefill": self._split, "decode": self._split}
         # the cpu stand-in has no hardware to show which split a step ran on, so it keeps the last steps' record
         self.history: deque[tuple[str, Split]] | None = (deque(maxlen=HISTORY_STEPS) if backend.name == "cpu"
@@ -261,6 +273,7 @@ class PartitionController:
         self._report()
         if initial is not None:
             self.set(initial, source="cli")
+            self.changed_at = None               # the start-up split is no switch: every step ran on it
 
     @property
     def allowed(self) -> list[int]:
@@ -289,10 +302,15 @@ class PartitionController:
             if split != self._split:
                 self._split = split
                 self._pending_phases = {"prefill", "decode"}
-                self._switch_started = time.monotonic()
+                self._switch_started = self.changed_at = time.monotonic()
             log.info("SM split set to prefill=%d decode=%d by %s", split.prefill_sms, split.decode_sms, source)
         self._report()
         return self.get()
+
+    def share(self, phase: str, split: Split) -> float:
+        """The share of all SMs `phase` runs on under `split`."""
+        sms = split.prefill_sms if phase == "prefill" else split.decode_sms
+        return sms / self.backend.total_sms
 
     def begin_step(self, phase: str):
         """Called by a worker at the start of each iteration: the split and stream it must use for that step."""

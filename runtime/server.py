@@ -3,6 +3,8 @@
 Choices worth knowing (also in docs): completions default to max_tokens = min(16, what fits), like OpenAI;
 chat defaults to everything that fits in max_model_len. GET /admin/partition needs the token like PUT (the
 operator has it anyway, and the split plus the allowed values say more about the deployment than /metrics).
+PUT /admin/partition obeys only under --partition-policy external; static and slo answer 409, since the split
+then has another owner (nobody, or the in-engine policy). The token file is followed (runtime/admin_token.py).
 On SIGTERM the server keeps listening and answers 503 to new work, so clients and load balancers get a clear
 answer instead of a refused connection; it exits once in-flight requests are done or the grace period ends.
 """
@@ -20,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from semipd.runtime.admin_token import AdminToken
 from semipd.runtime.config import EngineConfig, ServerConfig
 from semipd.runtime.engine import Engine, EngineOverloaded
 from semipd.runtime.loader import ModelLoadError
@@ -35,6 +38,12 @@ RETRY_AFTER_S = 1                 # what a full queue tells clients; the queue d
 DISCONNECT_POLL_S = 0.1           # how often a request not yet streaming checks for a vanished client
 SHUTDOWN_CANCEL_S = 2.0           # after the grace period, how long uvicorn waits before cancelling requests
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+POLICY_OWNS_SPLIT = {      # why a PUT cannot move the split, and how to make it possible
+    "static": "the partition policy is static: the split stays at its start-up value; start the server with "
+              "--partition-policy external to set it through this API (or change --sm-split and restart)",
+    "slo": "the split is owned by the in-engine SLO policy (--partition-policy slo); start the server with "
+           "--partition-policy external to set it through this API",
+}
 
 
 @dataclass
@@ -78,6 +87,8 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     app.add_middleware(DrainMiddleware, state=drain)
     tokenizer = engine.tokenizer
     max_token_id = max(tokenizer.get_vocab().values())
+    admin_token = AdminToken(server_config.admin_token, server_config.admin_token_file)
+    policy = engine.config.partition_policy
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -234,7 +245,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def authorize(request: Request):
-        token = server_config.admin_token
+        token = admin_token.current()
         if not token:
             raise APIError(403, "the admin API is disabled; start the server with --admin-token-file PATH or "
                                 "SEMIPD_ADMIN_TOKEN to enable it", type="permission_error", code="admin_disabled")
@@ -247,14 +258,22 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         if not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise APIError(403, "wrong admin token", type="permission_error", code="invalid_token")
 
+    def partition_state() -> dict:
+        state = {**engine.partition.get(), "policy": policy}
+        if engine.slo_loop is not None:
+            state["decision"] = engine.slo_loop.last   # the in-engine policy's latest decision and its reason
+        return state
+
     @app.get("/admin/partition")
     async def get_partition(request: Request):
         authorize(request)
-        return engine.partition.get()
+        return partition_state()
 
     @app.put("/admin/partition")
     async def put_partition(request: Request):
         authorize(request)
+        if policy != "external":
+            raise APIError(409, POLICY_OWNS_SPLIT[policy], type="conflict_error", code=f"partition_policy_{policy}")
         value = parse_partition(await request.body())
         try:
             result = engine.partition.set(value, source="admin-api")
@@ -264,7 +283,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise bad_request(f"prefill: {e}", "prefill") from None
         log.info("partition set by admin API: %s", {k: result.get(k) for k in ("prefill_sms", "decode_sms")})
-        return result
+        return {**result, "policy": policy}
 
     return app
 
