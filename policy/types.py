@@ -38,6 +38,7 @@ class PolicyConfig:
     replicas: ReplicaBounds | None = None       # None: the replica count is not the policy's (fixed or HPA)
     initial: float = 0.5                        # split of a pod the policy has not decided for yet
     max_sample_age_s: float = 60.0              # older newest-sample: the pod's metrics are stale
+    window_s: float = 60.0                      # the observation window; a scale-out waits one for its effect
     horizon_s: float = 60.0                     # how far ahead the load trend is projected
 
 

@@ -1,0 +1,96 @@
+"""The replica count, decided jointly with the splits and on a slower clock.
+
+Scale out when some pod finds no split that meets every target at the predicted load, by as many pods as that
+load needs (from the fitted capacity of a pod; without one, in proportion to how far the latencies are over,
+at most doubling, as AIBrix and Knative cap a step), never again while new pods are still starting. Scale in only
+when fewer pods would do for a whole stabilisation window (the largest count wanted in that window wins, as with
+the HPA), down to the minimum; zero traffic counts as low load, not as missing metrics."""
+import math
+
+from semipd.policy.split import Assessment
+from semipd.policy.state import RECOMMENDATION_LIMIT, PolicyState
+from semipd.policy.types import PolicyConfig, ReplicaBounds, ReplicaDecision
+
+MAX_GROWTH = 2.0    # without a capacity estimate, one scale-out at most doubles the pods
+
+
+def _clamp(n: int, bounds: ReplicaBounds) -> int:
+    return max(bounds.min, min(bounds.max, n))
+
+
+def _capacity(assessments: list[Assessment]) -> float | None:
+    known = sorted(a.capacity for a in assessments if a.capacity is not None and math.isfinite(a.capacity)
+                   and a.capacity > 0)
+    return known[len(known) // 2] if known else None
+
+
+def wanted(assessments: list[Assessment], current: int, bounds: ReplicaBounds) -> tuple[int, str, str]:
+    """(pods wanted now, reason, message) from this window alone."""
+    valid = [a for a in assessments if a.valid]
+    load = sum(a.load for a in valid)
+    capacity = _capacity(valid)
+    per_pod = None if capacity is None else capacity * bounds.target_utilization
+    if any(a.feasible is False for a in valid):
+        if per_pod:
+            need = math.ceil(load / per_pod)
+            why = f"{load:.0f} prompt tok/s at {per_pod:.0f} per pod"
+        else:
+            pressure = max(a.pressure for a in valid)
+            need = math.ceil(current * min(MAX_GROWTH, max(pressure, 1.0)))
+            why = f"latency at {pressure:.1f}x its target, no capacity model yet"
+        return max(need, current + 1), "NoSplitMeetsSLO", f"no split meets the targets on some pod: {why}"
+    if not any(a.traffic for a in valid) and len(valid) == len(assessments):
+        return bounds.min, "NoTraffic", "no requests on any pod"
+    if len(valid) < len(assessments):
+        return current, "MetricsMissing", "some pods have no usable metrics; not scaling in on partial data"
+    if per_pod and all(a.margin_ok for a in valid):
+        need = max(1, math.ceil(load / per_pod))
+        if need < current:
+            return need, "LowLoad", f"{load:.0f} prompt tok/s fit in {need} pod(s) at {per_pod:.0f} each"
+    elif all(a.margin_ok for a in valid) and current > 1:
+        return current - 1, "LowLoad", "every pod is well within its targets"
+    return current, "Steady", f"{load:.0f} prompt tok/s on {current} pod(s)"
+
+
+def decide_replicas(assessments: list[Assessment], cfg: PolicyConfig, state: PolicyState, now: float,
+                    current: int, ready: int) -> ReplicaDecision:
+    bounds = cfg.replicas
+    if not (bounds.min <= current <= bounds.max):
+        target = _clamp(current, bounds)
+        return _scaled(state, now, current, target, "Bounds", f"kept inside [{bounds.min}, {bounds.max}]")
+    if not any(a.valid for a in assessments) and assessments:
+        return ReplicaDecision(current, False, "MetricsMissing", "no pod has usable metrics; holding the count")
+    need, reason, message = wanted(assessments, current, bounds)
+    need = _clamp(need, bounds)
+    state.recommendations.append([now, need])
+    window = bounds.scale_down_stabilization_s
+    state.recommendations = [r for r in state.recommendations if now - r[0] <= window][-RECOMMENDATION_LIMIT:]
+    if need > current:
+        state.low_since = None
+        if ready < current:
+            return ReplicaDecision(current, False, "WaitingForPods",
+                                   f"{ready}/{current} pods ready; {message}")
+        if state.last_scale is not None and now - state.last_scale < cfg.window_s:
+            return ReplicaDecision(current, False, "Settling",
+                                   f"the last scaling was {now - state.last_scale:.0f} s ago, less than one "
+                                   f"window ({cfg.window_s:.0f} s); {message}")
+        return _scaled(state, now, current, need, reason, message)
+    if need < current:
+        state.low_since = state.low_since if state.low_since is not None else now
+        held = now - state.low_since
+        if held < window:
+            return ReplicaDecision(current, False, "Stabilizing",
+                                   f"{message}; scaling in after {window - held:.0f} s more of it")
+        target = max(r[1] for r in state.recommendations)
+        if target < current:
+            return _scaled(state, now, current, target, reason, message)
+        return ReplicaDecision(current, False, "Stabilizing", message)
+    state.low_since = None
+    return ReplicaDecision(current, False, reason, message)
+
+
+def _scaled(state: PolicyState, now: float, current: int, target: int, reason: str, message: str) -> ReplicaDecision:
+    state.last_scale = now
+    state.low_since = None
+    state.recommendations = []
+    return ReplicaDecision(target, target != current, reason, f"{current} -> {target} pods: {message}")
