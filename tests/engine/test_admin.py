@@ -63,6 +63,7 @@ def test_get_reports_the_split(admin_server):
     assert (body["source"], body["requested"]) == ("default", None)
     assert body["applied"] == {"prefill": 64, "decode": 68}
     assert body["switches"] == 0
+    assert body["policy"] == "external"          # the default: this API and the partition file own the split
 
 
 def test_impossible_split_is_422_with_allowed_values(admin_server):

@@ -1,6 +1,9 @@
 """/metrics is read by tools built for vLLM (dashboards, the Gateway API Inference Extension, autoscalers): the
 names, types, the model_name label and the histogram bucket edges must be vLLM's, and the counters must move
 with the work done. semipd's own series sit under `semipd:`."""
+import threading
+import time
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,6 +39,9 @@ SEMIPD = {
     "semipd:queue_length": "gauge",
     "semipd:step_seconds": "histogram",
     "semipd:step_tokens": "counter",
+    "semipd:request_arrivals": "counter",
+    "semipd:arrived_prompt_tokens": "counter",
+    "semipd:emulated_wait_seconds": "counter",
 }
 
 
@@ -83,6 +89,9 @@ def test_counters_follow_the_work(default_server):
     assert body["usage"]["completion_tokens"] == 7
     after = families(default_server)
     assert value(after, "vllm:prompt_tokens_total") - value(before, "vllm:prompt_tokens_total") == 5
+    assert value(after, "semipd:request_arrivals_total") - value(before, "semipd:request_arrivals_total") == 1
+    assert value(after, "semipd:arrived_prompt_tokens_total") - \
+        value(before, "semipd:arrived_prompt_tokens_total") == 5
     assert value(after, "vllm:generation_tokens_total") - value(before, "vllm:generation_tokens_total") == 7
     assert value(after, "vllm:request_success_total", finished_reason="length") - \
         value(before, "vllm:request_success_total", finished_reason="length") == 1
@@ -92,3 +101,26 @@ def test_counters_follow_the_work(default_server):
     for phase in ("prefill", "decode"):
         assert value(after, "semipd:step_seconds_count", phase=phase) > \
             value(before, "semipd:step_seconds_count", phase=phase), phase
+
+
+def test_arrivals_count_requests_still_queued(start_server, tiny_llama_dir):
+    """A request waiting for a decode slot has arrived but not been prefilled: the arrival counters show it,
+    vllm:prompt_tokens (counted at prefill) cannot. One decode slot, and a first request slowed by the cpu
+    stand-in's SM-share emulation (decode on 12 of 132 SMs) so it holds the slot while we look."""
+    server = start_server("--device", "cpu", "--partition-backend", "cpu", "--emulate-sm-share",
+                          "--sm-split", "prefill=120", "--max-num-seqs", "1")
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=120, json={
+            "prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "stream": True}) as first:
+        next(first.iter_lines())                          # it holds the only slot now
+        queued = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",), daemon=True,
+                                  kwargs={"json": {"prompt": [9] * 11, "max_tokens": 1}, "timeout": 120})
+        queued.start()
+        deadline = time.monotonic() + 30
+        while value(fams := families(server), "semipd:request_arrivals_total") < 2:
+            assert time.monotonic() < deadline, "the second request never arrived"
+            time.sleep(0.05)
+        assert value(fams, "semipd:arrived_prompt_tokens_total") == 3 + 11
+        assert value(fams, "vllm:prompt_tokens_total") == 3      # the queued prompt is not prefilled yet
+        assert value(fams, "vllm:num_requests_waiting") == 1
+    queued.join(60)                                       # closing the stream aborted the first: the slot frees
+    assert value(families(server), "vllm:prompt_tokens_total") == 3 + 11
