@@ -410,7 +410,7 @@ def main(argv=None) -> int:
 
     def stop(signum, frame):  # the device's limit or a ^C: keep what exists, end the stage's processes
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
     print(f"semipd GPU suite: budget {args.budget_s:.0f} s, results in {suite.out}"
           f"{' (DRY RUN: CPU, tiny shapes, nothing here measures a GPU)' if args.dry_run else ''}", flush=True)
     try:
@@ -425,6 +425,8 @@ def main(argv=None) -> int:
             elif not stage.record:
                 stage.record = {"name": stage.name, "what": stage.what, "status": "skipped",
                                 "reason": "the suite was stopped", "seconds": 0.0}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     suite.write()
     shutil.rmtree(suite.scratch, ignore_errors=True)
     print("\n" + suite.table(), flush=True)
