@@ -19,18 +19,14 @@ def split_string(prefill: float | int) -> str:
     return f"prefill={round(float(prefill), 6):g}"
 
 
-def desired_split(spec: ServiceSpec) -> str:
-    # The policy (a later piece) will move the split inside [min, max]; until it exists, the split is `initial`.
-    return split_string(spec.partition.initial)
-
-
-def desired_replicas(spec: ServiceSpec, current: int | None) -> int:
-    """Fixed replicas, or, under autoscaling, the current count kept inside the bounds (the operator's policy,
-    not the spec, moves it; the spec only bounds it)."""
-    if not spec.autoscaling:
-        return 1 if spec.replicas is None else int(spec.replicas)
-    start = spec.min_replicas if current is None else current
-    return max(spec.min_replicas, min(spec.max_replicas, start))
+def desired_replicas(spec: ServiceSpec, current: int | None, target: int | None = None) -> int:
+    """Without autoscaling, spec.replicas (whoever wrote it: Git, kubectl scale, HPA, KEDA). With it, the policy's
+    target, else the current count, kept inside the bounds: the operator moves the count, the spec only bounds it."""
+    auto = spec.autoscaling
+    if auto is None:
+        return int(spec.replicas)
+    start = target if target is not None else auto.min_replicas if current is None else current
+    return max(auto.min_replicas, min(auto.max_replicas, start))
 
 
 def model_path(spec: ServiceSpec) -> str:

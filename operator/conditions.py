@@ -5,7 +5,7 @@ Reasons (the API; docs/operator.md lists them):
                     | InvalidSpec | Forbidden | Conflict
   Progressing:      Creating | RollingUpdate | Scaling | WaitingForPods | Complete | ProgressDeadlineExceeded
                     | ApplyFailed | InvalidSpec | Forbidden | Conflict
-  MetricsAvailable: PrometheusNotConfigured | NotQueried | QueryFailed | QuerySucceeded
+  MetricsAvailable: PrometheusNotConfigured | NoTargets | NotQueried | QueryFailed | NoSeries | QuerySucceeded
   SLOMet:           NoMetrics | NoTargets | WithinTargets | TTFTAboveTarget | TPOTAboveTarget
 """
 from dataclasses import dataclass
@@ -25,10 +25,11 @@ class Condition:
 
 @dataclass(frozen=True)
 class Metrics:
-    """What the metrics reader knows. Reading Prometheus is a later piece: until then `queried` stays False."""
+    """What the control loop's last read of Prometheus found (service-wide latencies at the spec's percentile)."""
     configured: bool = False
     queried: bool = False
-    error: str | None = None
+    error: str | None = None            # why the last read gave nothing usable; decisions hold meanwhile
+    error_reason: str = "QueryFailed"   # QueryFailed: Prometheus did not answer; NoSeries: it knows no pod
     ttft_ms: float | None = None
     tpot_ms: float | None = None
 
@@ -100,7 +101,7 @@ def metrics_available(m: Metrics) -> Condition:
         return Condition(names.METRICS_AVAILABLE, FALSE, "PrometheusNotConfigured",
                          "spec.prometheus.url is not set; the split stays where the spec puts it")
     if m.error:
-        return Condition(names.METRICS_AVAILABLE, FALSE, "QueryFailed", m.error)
+        return Condition(names.METRICS_AVAILABLE, FALSE, m.error_reason, f"{m.error}; the last decision holds")
     if not m.queried:
         return Condition(names.METRICS_AVAILABLE, UNKNOWN, "NotQueried", "Prometheus has not been queried yet")
     return Condition(names.METRICS_AVAILABLE, TRUE, "QuerySucceeded", "latency metrics were read")

@@ -4,8 +4,12 @@ Triggers: the SemiPDService's create/update/resume (errors go back to kopf: retr
 children it owns (a Deployment or Service deleted by hand comes back at once; pod changes refresh the per-pod
 split), and a timer that keeps the status fresh and re-creates what has no watch (the Secret).
 
-Passes for one service never overlap (a lock per service), and each starts from a fresh read of the object,
-so observedGeneration can only move forward."""
+Passes for one service never overlap, and each starts from a fresh read of the object, so observedGeneration
+can only move forward. A background trigger that finds a pass running does not wait for it (no worker thread
+ever blocks on another service's, or its own service's, slow pods): it marks the service dirty and the running
+pass goes round once more. Per service, an async daemon runs the SLO control loop: it reads Prometheus and
+decides outside any lock, then asks for a pass, which applies the decision."""
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 import kopf
 import kubernetes.client
 
-from semipd.operator import names, reconcile
+from semipd.operator import control, names, reconcile, spec as specs
 from semipd.operator.kube import ApiError, Kube, path
 
 log = logging.getLogger("semipd.operator")
@@ -28,14 +32,35 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
 
 
-class _Locks:
+class Passes:
+    """One pass at a time per service. `run(wait=False)` never blocks: if a pass is running it leaves a note and
+    that pass runs once more before it lets go, so the latest state is always applied and no thread waits."""
+
     def __init__(self):
         self._guard = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._dirty: set[tuple[str, str]] = set()
 
-    def get(self, namespace: str, name: str) -> threading.Lock:
+    def run(self, key: tuple[str, str], fn, wait: bool) -> None:
         with self._guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
+            lock = self._locks.setdefault(key, threading.Lock())
+            if not wait and not lock.acquire(blocking=False):
+                self._dirty.add(key)
+                return
+        if wait:
+            lock.acquire()
+        try:
+            while True:
+                with self._guard:
+                    self._dirty.discard(key)
+                fn()
+                with self._guard:
+                    if key not in self._dirty:
+                        lock.release()
+                        return
+        except BaseException:
+            lock.release()
+            raise
 
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
@@ -69,18 +94,36 @@ SPEC_RETRIES = 10
 
 
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
-    locks = _Locks()
+    passes, controls = Passes(), control.Controls()
     crd = dict(group=names.GROUP, version=names.VERSION, plural=names.PLURAL, registry=registry)
     ours = {names.MANAGED_BY_LABEL: names.MANAGED_BY}
 
-    def run(namespace: str, name: str, skip_rejected: bool) -> None:
-        with locks.get(namespace, name):
+    def run(namespace: str, name: str, skip_rejected: bool, wait: bool = False) -> None:
+        def one_pass():
             body = cfg.kube.get_or_none(names.API_VERSION, names.PLURAL, namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return  # gone or going: garbage collection removes the children
             if skip_rejected and was_rejected(body):
                 return
-            reconcile.reconcile(cfg.kube, body, cfg.settings, _emitter(body))
+            reconcile.reconcile(cfg.kube, body, cfg.settings, _emitter(body), control=controls.get(namespace, name))
+        passes.run((namespace, name), one_pass, wait)
+
+    def control_step(namespace: str, name: str) -> float:
+        """Read, decide, then ask for a pass to apply it; returns the seconds until the next step."""
+        body = cfg.kube.get_or_none(names.API_VERSION, names.PLURAL, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            controls.forget(namespace, name)
+            return cfg.status_interval
+        meta = body["metadata"]
+        try:
+            spec = specs.parse(meta["name"], meta["namespace"], body.get("spec") or {})
+        except specs.SpecError:
+            return cfg.status_interval      # the spec handler reports an invalid spec
+        if not spec.controlled:
+            return cfg.status_interval      # nothing to decide; the refresh timer keeps the status fresh
+        control.step(cfg.kube, body, spec, controls.get(namespace, name), timeout=cfg.settings.push_timeout * 2.5)
+        run(namespace, name, skip_rejected=True)
+        return float(spec.prometheus.interval_seconds)
 
     @kopf.on.login(registry=registry, id="login")
     def login(**_):
@@ -107,7 +150,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     @kopf.on.update(**spec_handler)
     def reconcile_service(namespace, name, **_):
         try:
-            run(namespace, name, skip_rejected=False)
+            run(namespace, name, skip_rejected=False, wait=True)
         except reconcile.Rejected as e:
             raise kopf.PermanentError(str(e)) from None
         except reconcile.Retry as e:
@@ -116,6 +159,18 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     @kopf.timer(**crd, id="refresh", interval=cfg.status_interval, initial_delay=cfg.status_interval)
     def refresh(namespace, name, **_):
         _quietly(run, namespace, name, skip_rejected=True)
+
+    # the first step waits a moment, so the spec handler's pass creates the children first
+    @kopf.daemon(**crd, id="slo-loop", cancellation_timeout=10, initial_delay=1.0)
+    async def slo_loop(namespace, name, stopped, **_):
+        """Per service, at spec.prometheus.intervalSeconds. The blocking work runs in a worker thread, so one
+        service's slow Prometheus or pods never hold up another's loop."""
+        while not stopped:
+            try:
+                delay = await asyncio.to_thread(_quietly_step, control_step, namespace, name, cfg.status_interval)
+            except asyncio.CancelledError:
+                raise
+            await stopped.wait(delay)
 
     @kopf.on.event("apps", "v1", "deployments", id="child", labels=ours, registry=registry)
     @kopf.on.event("v1", "services", id="child", labels=ours, registry=registry)
@@ -126,6 +181,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         owner = (body.get("metadata", {}).get("labels") or {}).get(names.SERVICE_LABEL)
         if owner:
             _quietly(run, namespace, owner, skip_rejected=True)
+
+
+def _quietly_step(step, namespace: str, name: str, fallback: float) -> float:
+    try:
+        return step(namespace, name)
+    except ApiError as e:
+        log.warning("control step for %s/%s failed: %s", namespace, name, e)
+    except Exception:
+        log.exception("control step for %s/%s failed", namespace, name)
+    return fallback
 
 
 def _quietly(fn, *args, **kwargs) -> None:

@@ -1,8 +1,10 @@
 """Per-pod split: write the desired split to each pod's annotation (the engine follows it through its
 downward-API file) and push it to the pod's admin endpoint, best-effort, recording what each pod acknowledged."""
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Callable
 
 import httpx
 
@@ -41,45 +43,69 @@ def push_split(ip: str, port: int, token: str, prefill: float, timeout: float) -
     return PushResult(True, prefill_sms=sms if isinstance(sms, int) else None)
 
 
-def sync(kube: Kube, namespace: str, service: str, port: int, prefill: float, token: str | None,
+@dataclass(frozen=True)
+class Plan:
+    """What one pod should run and why (the policy's reason, or Spec/Initial when no policy decided)."""
+    split: str
+    reason: str
+    message: str = ""
+
+
+PUSH_WORKERS = 8    # pushes run side by side: one slow pod costs one timeout, not one per pod after it
+
+
+def sync(kube: Kube, namespace: str, service: str, port: int, plan_for: Callable[[str], Plan], token: str | None,
          previous: list[dict] | None, now: datetime, push_timeout: float, retry_after: float,
          emit=lambda *a, **k: None) -> list[dict]:
-    """Annotate every live pod of the service with the desired split, push it where due, and return the
-    status.pods entries (desired, applied, appliedSMs, lastError, lastAttemptTime)."""
-    desired = split_string(prefill)
+    """Annotate every live pod of the service with its desired split, push it where due (in parallel), and
+    return the status.pods entries (desired, applied, appliedSMs, reason, lastError, lastAttemptTime)."""
     before = {p.get("name"): p for p in previous or []}
-    entries = []
+    entries, due = [], []
     for pod in kube.list("v1", "pods", namespace, names.selector_string(service)):
         meta = pod["metadata"]
         if meta.get("deletionTimestamp"):
             continue
         name = meta["name"]
-        if (meta.get("annotations") or {}).get(names.SPLIT_ANNOTATION) != desired:
+        plan = plan_for(name)
+        if (meta.get("annotations") or {}).get(names.SPLIT_ANNOTATION) != plan.split:
             try:
                 kube.merge_patch("v1", "pods", namespace, name,
-                                 {"metadata": {"annotations": {names.SPLIT_ANNOTATION: desired}}})
+                                 {"metadata": {"annotations": {names.SPLIT_ANNOTATION: plan.split}}})
             except ApiError as e:
                 if e.not_found:
                     continue  # the pod went away meanwhile
                 raise
         old = before.get(name)
-        entry = {k: v for k, v in (old or {}).items()
-                 if k in ("name", "applied", "appliedSMs", "lastError", "lastAttemptTime")}
-        entry["name"] = name
-        ready = status.pod_ready(pod)
-        if token and status.push_due(old, desired, ready, now, retry_after):
-            result = push_split(pod["status"]["podIP"], port, token, prefill, push_timeout)
-            entry["lastAttemptTime"] = status.stamp(now)
-            if result.ok:
-                entry["applied"] = desired
-                entry.pop("lastError", None)
-                if result.prefill_sms is not None:
-                    entry["appliedSMs"] = result.prefill_sms
-            else:
-                if (old or {}).get("lastError") is None:
-                    emit("PartitionPushFailed", f"pod {name}: {result.error}", warning=True)
-                entry["lastError"] = result.error
-                log.info("split push to pod %s/%s failed: %s", namespace, name, result.error)
-        entry["desired"] = desired
+        entry = {k: v for k, v in (old or {}).items() if k in KEPT}
+        entry.update(name=name, desired=plan.split, reason=plan.reason)
         entries.append(entry)
+        if token and status.push_due(old, plan.split, status.pod_ready(pod), now, retry_after):
+            due.append((entry, pod["status"]["podIP"], old))
+    if due:
+        with ThreadPoolExecutor(max_workers=min(PUSH_WORKERS, len(due))) as pool:
+            results = list(pool.map(lambda d: push_split(d[1], port, token, _fraction(d[0]["desired"]),
+                                                         push_timeout), due))
+        for (entry, _, old), result in zip(due, results):
+            _record_push(entry, old, result, now, namespace, emit)
     return entries
+
+
+KEPT = ("name", "applied", "appliedSMs", "lastError", "lastAttemptTime", "ttftMs", "tpotMs")
+
+
+def _record_push(entry: dict, old: dict | None, result: PushResult, now: datetime, namespace: str, emit) -> None:
+    entry["lastAttemptTime"] = status.stamp(now)
+    if result.ok:
+        entry["applied"] = entry["desired"]
+        entry.pop("lastError", None)
+        if result.prefill_sms is not None:
+            entry["appliedSMs"] = result.prefill_sms
+        return
+    if (old or {}).get("lastError") is None:
+        emit("PartitionPushFailed", f"pod {entry['name']}: {result.error}", warning=True)
+    entry["lastError"] = result.error
+    log.info("split push to pod %s/%s failed: %s", namespace, entry["name"], result.error)
+
+
+def _fraction(split: str) -> float:
+    return float(split.partition("=")[2])

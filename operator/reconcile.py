@@ -4,14 +4,16 @@ idempotent: fixed names, server-side apply, a Secret created once. No kopf in he
 import base64
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
 import kopf
 
 from semipd.operator import builders, conditions, names, pods, spec as specs, status
+from semipd.operator.control import Control
 from semipd.operator.kube import ApiError, Kube
+from semipd.policy import Decision
 
 log = logging.getLogger("semipd.operator.reconcile")
 
@@ -47,9 +49,10 @@ def _no_emit(reason: str, message: str, warning: bool = False) -> None:
 
 
 def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emit = _no_emit,
-              now: datetime | None = None) -> dict:
-    """Apply the children of `body` (a fresh read of the SemiPDService) and write its status. Returns the status
-    written. observedGeneration is written only when everything was applied."""
+              now: datetime | None = None, control: Control | None = None) -> dict:
+    """Apply the children of `body` (a fresh read of the SemiPDService), apply the control loop's latest decision
+    (`control`: per-pod splits, replica target) and write the status. Returns the status written.
+    observedGeneration is written only when everything was applied."""
     now = now or datetime.now(timezone.utc)
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
@@ -60,50 +63,123 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
         _fail(kube, body, str(e), "InvalidSpec", emit, now)
         raise Rejected(str(e), "InvalidSpec") from None
 
-    metrics = conditions.Metrics(configured=bool(spec.prometheus_url))
+    view = _View.of(control, spec)
     try:
         token = ensure_secret(kube, spec, body, emit)
         deployment, template_hash, history = apply_deployment(kube, spec, body, old_status.get("history"),
-                                                              emit, now)
+                                                              emit, now, view.replicas)
         apply_service(kube, spec, body, emit)
         apply_pod_monitor(kube, spec, body, emit)
     except Rejected as e:
-        _fail(kube, body, str(e), e.reason, emit, now, metrics)
+        _fail(kube, body, str(e), e.reason, emit, now, view.metrics)
         raise
     except ApiError as e:
         if e.invalid:
             # 422/400: the object as built is invalid. Retrying the same spec cannot help.
-            _fail(kube, body, e.message, "ApplyFailed", emit, now, metrics)
+            _fail(kube, body, e.message, "ApplyFailed", emit, now, view.metrics)
             raise Rejected(e.message) from None
         if e.status == 403:
             # RBAC forbids it: an administrator can fix that without a spec change, so retry, slowly.
-            _fail(kube, body, e.message, "Forbidden", emit, now, metrics)
+            _fail(kube, body, e.message, "Forbidden", emit, now, view.metrics)
             raise Retry(e.message, delay=60) from None
         if e.conflict:
             # 409 from a create (AlreadyExists) or a name still held by an object being deleted: passes by itself,
             # but say so while it lasts.
-            _fail(kube, body, e.message, "Conflict", emit, now, metrics)
+            _fail(kube, body, e.message, "Conflict", emit, now, view.metrics)
             raise Retry(e.message) from None
         raise
 
-    split = builders.desired_split(spec)
-    if old_status.get("split") and old_status["split"] != split:
-        emit("SplitChanged", f"SM split {old_status['split']} -> {split} on every pod, in place")
-    history = status.record(history, "Split", old_status.get("split"), split, "Spec", now)
-    entries = pods.sync(kube, namespace, name, spec.engine.port, spec.partition.initial, token,
+    previous = {p.get("name"): p for p in old_status.get("pods") or []}
+    entries = pods.sync(kube, namespace, name, spec.engine.port, view.plan_for(spec, previous), token,
                         old_status.get("pods"), now, settings.push_timeout, settings.retry_after, emit)
+    for entry in entries:
+        before = (previous.get(entry["name"]) or {}).get("desired")
+        for key, value in _measured(view.per_pod.get(entry["name"])).items():
+            if value is None:
+                entry.pop(key, None)    # a list item is written whole: a None would be a literal null
+            else:
+                entry[key] = value
+        if before and before != entry["desired"]:
+            emit("SplitChanged", f"pod {entry['name']}: {before} -> {entry['desired']} in place ({entry['reason']})")
+            history = status.record(history, "Split", before, entry["desired"], entry["reason"], now,
+                                    pod=entry["name"], message=view.message(entry["name"]))
     observed = conditions.Observed(
         desired_replicas=builders.desired_replicas(spec, deployment["spec"].get("replicas")),
-        deployment=deployment, metrics=metrics,
+        deployment=deployment, metrics=view.metrics,
         ttft_target_ms=spec.slo.ttft_ms, tpot_target_ms=spec.slo.tpot_ms)
     conds = conditions.merge(old_status.get("conditions"), conditions.compute(observed), generation,
                              status.stamp(now))
-    new = status.assemble(service=name, deployment=deployment, conditions=conds, split=split,
+    new = status.assemble(service=name, deployment=deployment, conditions=conds, split=status.split_summary(entries,
+                          default=builders.split_string(spec.partition.initial)),
                           template_hash=template_hash, pods=entries, history=history)
+    new["slo"] = status.slo_figures(spec.slo.percentile, view.metrics, view.measured_at)
+    if spec.autoscaling is not None:
+        new["autoscaling"] = view.autoscaling_status(deployment)
+    if view.state is not None:
+        new["policyState"] = view.state
     if generation is not None:
         new["observedGeneration"] = generation
     write_status(kube, body, new)
     return new
+
+
+@dataclass(frozen=True)
+class _View:
+    """A consistent snapshot of the control loop's last step, as this pass applies it."""
+    decision: Decision | None = None
+    metrics: conditions.Metrics = conditions.Metrics()
+    per_pod: dict = field(default_factory=dict)
+    measured_at: float | None = None
+    state: str | None = None
+
+    @classmethod
+    def of(cls, control: Control | None, spec: specs.ServiceSpec) -> "_View":
+        if spec.prometheus.url and not spec.slo.targets:
+            return cls(metrics=conditions.Metrics(configured=True, error="spec.slo sets no latency target, so "
+                                                  "Prometheus is not read", error_reason="NoTargets"))
+        if control is None or not spec.controlled:
+            return cls(metrics=conditions.Metrics(configured=bool(spec.prometheus.url)))
+        with control.lock:
+            return cls(control.decision, control.metrics, dict(control.per_pod), control.measured_at,
+                       None if control.state is None else control.state.to_json())
+
+    @property
+    def replicas(self) -> tuple[int, str, str] | None:
+        r = None if self.decision is None else self.decision.replicas
+        return None if r is None else (r.target, r.reason, r.message)
+
+    def plan_for(self, spec: specs.ServiceSpec, previous: dict):
+        """Each pod's split: the policy's decision; for a pod it has not decided yet, the split it was given
+        before; for a new pod, partition.initial. Without a control loop, partition.initial for every pod."""
+        initial = builders.split_string(spec.partition.initial)
+        splits = {} if self.decision is None else self.decision.splits
+
+        def plan(pod: str) -> pods.Plan:
+            if pod in splits:
+                d = splits[pod]
+                return pods.Plan(builders.split_string(d.split), d.reason, d.message)
+            if self.decision is not None and (previous.get(pod) or {}).get("desired"):
+                return pods.Plan(previous[pod]["desired"], previous[pod].get("reason") or "Initial")
+            return pods.Plan(initial, "Spec" if self.decision is None else "Initial")
+        return plan
+
+    def message(self, pod: str) -> str:
+        d = None if self.decision is None else self.decision.splits.get(pod)
+        return "" if d is None else d.message
+
+    def autoscaling_status(self, deployment: dict) -> dict:
+        r = None if self.decision is None else self.decision.replicas
+        current = int(deployment["spec"].get("replicas") or 0)
+        if r is None:
+            return {"desiredReplicas": current, "reason": "NotDecided",
+                    "message": "the control loop has not decided yet (Prometheus and SLO targets are needed)"}
+        return {"desiredReplicas": r.target, "reason": r.reason, "message": r.message}
+
+
+def _measured(measured: tuple | None) -> dict:
+    ttft, tpot = measured or (None, None)
+    return {"ttftMs": None if ttft is None else round(ttft * 1000, 1),
+            "tpotMs": None if tpot is None else round(tpot * 1000, 2)}
 
 
 def _owned_by_other(obj: dict | None, owner: dict) -> bool:
@@ -144,10 +220,14 @@ def ensure_secret(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) 
 
 
 def apply_deployment(kube: Kube, spec: specs.ServiceSpec, owner: dict, history: list, emit: Emit,
-                     now: datetime) -> tuple[dict, str, list]:
+                     now: datetime, decided: tuple[int, str, str] | None = None) -> tuple[dict, str, list]:
+    """`decided`: the policy's (replica target, reason, message), applied only under spec.autoscaling."""
     current = kube.get_or_none("apps/v1", "deployments", spec.namespace, spec.name)
     current_replicas = current["spec"].get("replicas") if current else None
-    replicas = builders.desired_replicas(spec, current_replicas)
+    target, reason, message = decided if decided else (None, "Spec", "")
+    replicas = builders.desired_replicas(spec, current_replicas, target)
+    if spec.autoscaling is None or target is None:
+        reason, message = "Spec", ""
     obj = _adopt(builders.deployment(spec, replicas), owner, current)
     new_hash = obj["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION]
     result = kube.apply(obj, "deployments")
@@ -159,8 +239,9 @@ def apply_deployment(kube: Kube, spec: specs.ServiceSpec, owner: dict, history: 
         emit("RollingUpdate", f"pod template changed ({old_hash} -> {new_hash}): replacing pods")
         history = status.record(history, "Rollout", old_hash, new_hash, "Spec", now)
     if current_replicas != replicas:
-        emit("Scaled", f"Deployment {spec.name}: {current_replicas} -> {replicas} pod(s), no restart")
-        history = status.record(history, "Scale", current_replicas, replicas, "Spec", now)
+        emit("Scaled", f"Deployment {spec.name}: {current_replicas} -> {replicas} pod(s), no restart ({reason}"
+                       f"{': ' + message if message else ''})")
+        history = status.record(history, "Scale", current_replicas, replicas, reason, now, message=message)
     return result, new_hash, history
 
 

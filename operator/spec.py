@@ -51,6 +51,27 @@ class SLO:
     tpot_ms: float | None = None
     percentile: float = 90
     attainment: float = 0.9
+    window_seconds: int = 60            # the range the percentiles and rates are measured over
+
+    @property
+    def targets(self) -> bool:
+        return self.ttft_ms is not None or self.tpot_ms is not None
+
+
+@dataclass(frozen=True)
+class Prometheus:
+    url: str | None = None
+    interval_seconds: int = 15          # how often the control loop reads it and decides
+    pod_label: str = "pod"              # the labels a PodMonitor (or the scrape config) gives each series
+    namespace_label: str = "namespace"
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    min_replicas: int
+    max_replicas: int
+    scale_down_stabilization_seconds: int = 300
+    target_utilization: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -74,20 +95,20 @@ class ServiceSpec:
     model: ModelSource
     engine: Engine
     served_model_name: str
-    replicas: int | None = None
-    min_replicas: int | None = None
-    max_replicas: int | None = None
+    replicas: int = 1                           # ignored while autoscaling is set (the operator owns the count)
+    autoscaling: Autoscaling | None = None
     resources: Resources = Resources()
     partition: Partition = Partition()
     slo: SLO = SLO()
-    prometheus_url: str | None = None
+    prometheus: Prometheus = Prometheus()
     pod_template: PodTemplate = PodTemplate()
     max_surge: int | str | None = None
     max_unavailable: int | str | None = None
 
     @property
-    def autoscaling(self) -> bool:
-        return self.min_replicas is not None
+    def controlled(self) -> bool:
+        """The SLO control loop runs: there are metrics to read and targets to steer towards."""
+        return bool(self.prometheus.url) and self.slo.targets
 
 
 def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
@@ -123,15 +144,22 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
 
     slo_spec = spec.get("slo") or {}
     slo = SLO(ttft_ms=slo_spec.get("ttftMs"), tpot_ms=slo_spec.get("tpotMs"),
-              percentile=float(slo_spec.get("percentile", 90)), attainment=float(slo_spec.get("attainment", 0.9)))
+              percentile=float(slo_spec.get("percentile", 90)), attainment=float(slo_spec.get("attainment", 0.9)),
+              window_seconds=int(slo_spec.get("windowSeconds", 60)))
+
+    prom = spec.get("prometheus") or {}
+    prometheus = Prometheus(url=prom.get("url"), interval_seconds=int(prom.get("intervalSeconds", 15)),
+                            pod_label=prom.get("podLabel") or "pod",
+                            namespace_label=prom.get("namespaceLabel") or "namespace")
 
     auto = spec.get("autoscaling")
-    if auto is not None and spec.get("replicas") is not None:
-        raise SpecError("spec.replicas and spec.autoscaling are mutually exclusive")
-    min_replicas = max_replicas = None
+    autoscaling = None
     if auto is not None:
-        min_replicas, max_replicas = int(auto["minReplicas"]), int(auto["maxReplicas"])
-        if min_replicas > max_replicas:
+        autoscaling = Autoscaling(
+            min_replicas=int(auto["minReplicas"]), max_replicas=int(auto["maxReplicas"]),
+            scale_down_stabilization_seconds=int(auto.get("scaleDownStabilizationSeconds", 300)),
+            target_utilization=float(auto.get("targetUtilization", 0.8)))
+        if autoscaling.min_replicas > autoscaling.max_replicas:
             raise SpecError("spec.autoscaling.minReplicas must be less than or equal to maxReplicas")
 
     tpl = spec.get("podTemplate") or {}
@@ -146,9 +174,8 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
     return ServiceSpec(
         name=name, namespace=namespace, model=source, engine=engine,
         served_model_name=spec.get("servedModelName") or name,
-        replicas=spec.get("replicas"), min_replicas=min_replicas, max_replicas=max_replicas,
-        resources=resources, partition=partition, slo=slo,
-        prometheus_url=(spec.get("prometheus") or {}).get("url"), pod_template=pod_template,
+        replicas=int(spec.get("replicas", 1)), autoscaling=autoscaling,
+        resources=resources, partition=partition, slo=slo, prometheus=prometheus, pod_template=pod_template,
         max_surge=rollout.get("maxSurge"), max_unavailable=rollout.get("maxUnavailable"))
 
 

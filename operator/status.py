@@ -43,13 +43,41 @@ def push_due(entry: dict | None, desired: str, ready: bool, now: datetime, retry
     return True
 
 
-def record(history: list[dict] | None, kind: str, before, after, reason: str, now: datetime) -> list[dict]:
+def record(history: list[dict] | None, kind: str, before, after, reason: str, now: datetime, pod: str | None = None,
+           message: str = "") -> list[dict]:
     """Append a decision when something actually changed; keep the last HISTORY_LIMIT."""
     history = list(history or [])
     if before is None or str(before) == str(after):
         return history
-    history.append({"time": stamp(now), "kind": kind, "from": str(before), "to": str(after), "reason": reason})
+    item = {"time": stamp(now), "kind": kind, "from": str(before), "to": str(after), "reason": reason}
+    if pod:
+        item["pod"] = pod
+    if message:
+        item["message"] = message[:1024]
+    history.append(item)
     return history[-HISTORY_LIMIT:]
+
+
+def split_summary(entries: list[dict], default: str) -> str:
+    """One split for the printer column: the pods' common one, or the range they span."""
+    values = sorted({e["desired"] for e in entries}, key=lambda s: float(s.partition("=")[2]))
+    if not values:
+        return default
+    return values[0] if len(values) == 1 else f"{values[0]}..{values[-1].partition('=')[2]}"
+
+
+def slo_figures(percentile: float, metrics, measured_at: float | None) -> dict:
+    """status.slo: the service-wide latencies at the spec's percentile, as numbers and as the printer columns'
+    text ("212ms@p90"); "-" when nothing was measured."""
+    def text(value):
+        return "-" if value is None else f"{value:.0f}ms@p{percentile:g}" if value >= 10 else \
+            f"{value:.1f}ms@p{percentile:g}"
+    out = {"percentile": percentile, "ttft": text(metrics.ttft_ms), "tpot": text(metrics.tpot_ms),
+           "ttftMs": None if metrics.ttft_ms is None else round(metrics.ttft_ms, 1),
+           "tpotMs": None if metrics.tpot_ms is None else round(metrics.tpot_ms, 2)}
+    if measured_at is not None:
+        out["lastUpdated"] = stamp(datetime.fromtimestamp(measured_at, tz=timezone.utc))
+    return out
 
 
 def deployment_counts(deployment: dict | None) -> dict:
@@ -77,6 +105,15 @@ def assemble(*, service: str, deployment: dict | None, conditions: list[dict], s
 
 
 def changed(old: dict | None, new: dict) -> bool:
-    """Whether writing `new` (a merge patch of status) would change anything in `old`."""
+    """Whether writing `new` (a merge patch of status) would change anything in `old`. A None in `new` deletes
+    that key, so it equals an absent one."""
     old = old or {}
-    return any(old.get(k) != v for k, v in new.items())
+    return any(_pruned(old.get(k)) != _pruned(v) for k, v in new.items())
+
+
+def _pruned(value):
+    if isinstance(value, dict):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value

@@ -1,6 +1,8 @@
 """The policy's memory, explicit so a restarted operator (or engine) keeps its sense: per pod the split it asked
 for, when it last moved and which way, the samples its latency models are fitted from, the recent load; for the
 service the last scaling and the recent replica recommendations. It round-trips through plain JSON."""
+import json
+import math
 from dataclasses import asdict, dataclass, field
 
 SAMPLE_LIMIT = 64           # model samples kept per pod
@@ -50,6 +52,17 @@ class PolicyState:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json(self) -> str:
+        """Compact: numbers rounded to what the decisions can tell apart (it is written to status often)."""
+        return json.dumps(_rounded(self.to_dict()), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "PolicyState":
+        try:
+            return cls.from_dict(json.loads(text)) if text else cls()
+        except (ValueError, TypeError, AttributeError):
+            return cls()    # unreadable (hand-edited, older format): start afresh rather than stop
+
     @classmethod
     def from_dict(cls, data: dict | None) -> "PolicyState":
         data = data or {}
@@ -58,3 +71,16 @@ class PolicyState:
                 for name, p in (data.get("pods") or {}).items()}
         return cls(pods=pods, last_scale=data.get("last_scale"),
                    recommendations=list(data.get("recommendations") or []), low_since=data.get("low_since"))
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        if not math.isfinite(value) or value == 0:
+            return value
+        # clock readings (epoch seconds) keep a tenth of a second; measurements six significant digits
+        return round(value, 1) if abs(value) >= 1e5 else float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value

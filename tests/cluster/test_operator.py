@@ -141,7 +141,8 @@ def test_children_status_conditions_and_events(kube, namespace, operator):
     assert len(base64.b64decode(secret["data"]["token"])) >= 32
 
     # kopf keeps its state under semipd.io, never under its own domain or in status.
-    annotations = spd["metadata"].get("annotations") or {}
+    annotations = poll(lambda: (a := get_spd(kube, namespace, "chat")["metadata"].get("annotations") or {}).get(
+        f"{names.GROUP}/last-handled-configuration") and a, WAIT, what="kopf's annotations", log=operator.log)
     assert f"{names.GROUP}/last-handled-configuration" in annotations
     assert not any(k.startswith("kopf.zalando.org") for k in annotations)
     assert spd["metadata"]["finalizers"] == [names.FINALIZER] and "kopf" not in spd["status"]
@@ -191,8 +192,6 @@ def test_children_status_conditions_and_events(kube, namespace, operator):
 
 
 BAD = {
-    "replicas and autoscaling": ({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
-                                 "spec.replicas and spec.autoscaling are mutually exclusive"),
     "min above max": ({"replicas": None, "autoscaling": {"minReplicas": 4, "maxReplicas": 2}},
                       "minReplicas must be less than or equal to maxReplicas"),
     "split outside 0-1": ({"partition": {"initial": 1.5}}, "spec.partition.initial"),
@@ -253,6 +252,45 @@ def test_scale_subresource_changes_only_the_deployments_replicas(kube, namespace
                WAIT, what="status.replicas 3 (the scale subresource's current count)", log=operator.log)
     assert kube.request("GET", scale_path)["status"]["replicas"] == 3
     assert any(h["kind"] == "Scale" and (h["from"], h["to"]) == ("1", "3") for h in obj["status"]["history"])
+
+
+def test_scale_subresource_works_on_every_object_with_one_owner_of_the_count(kube, namespace, operator):
+    """HPA and KEDA read and write /scale. It answers on an object that never set spec.replicas (the default
+    fills it); on an autoscaled one the operator owns the count, so a write through /scale is refused with a
+    message that names the owner, and dropping autoscaling hands the count back in one update."""
+    plain = manifest("hpa")
+    del plain["spec"]["replicas"]
+    create(kube, namespace, plain)
+    scale_path = f"/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}/hpa/scale"
+    scale = kube.request("GET", scale_path)
+    assert scale["spec"]["replicas"] == 1
+    # what an HPA does: read the Scale, write it back whole with its resourceVersion
+    scale["spec"]["replicas"] = 2
+    kube.request("PUT", scale_path, body=scale)
+    poll(lambda: deployment(kube, namespace, "hpa")["spec"]["replicas"] == 2, WAIT, what="Deployment at 2",
+         log=operator.log)
+    poll(lambda: kube.request("GET", scale_path)["status"].get("replicas") == 2, WAIT,
+         what="status.replicas 2 through /scale", log=operator.log)
+
+    auto = manifest("auto", autoscaling={"minReplicas": 2, "maxReplicas": 4})
+    del auto["spec"]["replicas"]
+    create(kube, namespace, auto)
+    auto_path = f"/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}/auto/scale"
+    assert kube.request("GET", auto_path)["spec"]["replicas"] == 1      # readable (the default), not a 500
+    poll(lambda: deployment(kube, namespace, "auto")["spec"]["replicas"] == 2, WAIT,
+         what="the operator's count: minReplicas", log=operator.log)
+    with pytest.raises(ApiError) as err:
+        kube.request("PATCH", auto_path, body={"spec": {"replicas": 5}}, content_type="application/merge-patch+json")
+    assert err.value.status == 422 and "the operator owns the pod count" in err.value.message
+    assert deployment(kube, namespace, "auto")["spec"]["replicas"] == 2
+    # bounds are the knob under autoscaling; removing autoscaling and setting replicas at once is allowed
+    patch_spec(kube, namespace, "auto", {"autoscaling": {"minReplicas": 3, "maxReplicas": 4}})
+    poll(lambda: deployment(kube, namespace, "auto")["spec"]["replicas"] == 3, WAIT, what="Deployment at 3",
+         log=operator.log)
+    patch_spec(kube, namespace, "auto", {"autoscaling": None, "replicas": 1})
+    poll(lambda: deployment(kube, namespace, "auto")["spec"]["replicas"] == 1, WAIT, what="Deployment at 1",
+         log=operator.log)
+    assert "autoscaling" not in get_spd(kube, namespace, "auto")["spec"]
 
 
 def test_split_change_annotates_pods_without_rolling(kube, namespace, operator):

@@ -166,8 +166,11 @@ def test_split_strings_and_replicas():
     assert builders.split_string(0.5) == "prefill=0.5"
     assert builders.split_string(1 / 3) == "prefill=0.333333"
     assert builders.split_string(64) == "prefill=64"
-    assert builders.desired_split(make(partition={"initial": 0.35})) == "prefill=0.35"
     assert builders.desired_replicas(make(), None) == 1
     assert builders.desired_replicas(make(replicas=3), 1) == 3
+    assert builders.desired_replicas(make(replicas=3), 1, target=5) == 3      # spec.replicas owns it
     auto = make(autoscaling={"minReplicas": 2, "maxReplicas": 4})
     assert [builders.desired_replicas(auto, c) for c in (None, 1, 3, 9)] == [2, 2, 3, 4]
+    # under autoscaling the policy's target wins, inside the bounds; a defaulted spec.replicas is ignored
+    auto_with_default = make(replicas=1, autoscaling={"minReplicas": 2, "maxReplicas": 4})
+    assert [builders.desired_replicas(auto_with_default, 2, t) for t in (3, 1, 7)] == [3, 2, 4]

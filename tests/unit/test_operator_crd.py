@@ -37,7 +37,7 @@ def test_names_and_subresources():
                                                 "statusReplicasPath": ".status.replicas",
                                                 "labelSelectorPath": ".status.selector"}
     columns = {col["name"]: col for col in version["additionalPrinterColumns"]}
-    for name in ("Ready", "Replicas", "Split", "TTFT p90", "TPOT p90", "Age"):
+    for name in ("Ready", "Replicas", "Split", "TTFT", "TPOT", "Age"):
         assert name in columns and columns[name].get("priority", 0) == 0, name
     # Each column reads a field the schema declares (a typo would print an empty column forever).
     declared = {p for p, _ in walk(crd.schema(c), "")}
@@ -68,7 +68,9 @@ def _rules(node: dict) -> list[str]:
 def test_cel_rules_cover_the_issue():
     props = crd.schema()["properties"]["spec"]
     sp = props["properties"]
-    assert any("has(self.replicas) && has(self.autoscaling)" in r for r in _rules(props))
+    # one owner of the count: under autoscaling spec.replicas (so the scale subresource) is frozen
+    assert any("has(oldSelf.autoscaling)" in r and "self.replicas == oldSelf.replicas" in r for r in _rules(props))
+    assert sp["replicas"]["default"] == 1     # so GET .../scale always finds spec.replicas
     assert any("oldSelf.servedModelName" in r for r in _rules(props))
     assert any("minReplicas <= self.maxReplicas" in r for r in _rules(sp["autoscaling"]))
     assert any("self.min <= self.max" in r for r in _rules(sp["partition"]))
@@ -96,8 +98,17 @@ def test_crd_defaults_equal_the_operators():
                                                     parsed.partition.max, parsed.partition.step,
                                                     parsed.partition.cooldown_seconds)
     slo = sp["slo"]["properties"]
-    assert (slo["percentile"]["default"], slo["attainment"]["default"]) == (parsed.slo.percentile,
-                                                                            parsed.slo.attainment)
+    assert (slo["percentile"]["default"], slo["attainment"]["default"], slo["windowSeconds"]["default"]) == (
+        parsed.slo.percentile, parsed.slo.attainment, parsed.slo.window_seconds)
+    assert sp["replicas"]["default"] == parsed.replicas
+    prom = sp["prometheus"]["properties"]
+    assert (prom["intervalSeconds"]["default"], prom["podLabel"]["default"], prom["namespaceLabel"]["default"]) == (
+        parsed.prometheus.interval_seconds, parsed.prometheus.pod_label, parsed.prometheus.namespace_label)
+    auto = sp["autoscaling"]["properties"]
+    scaled = spec.parse("x", "ns", {"model": {"hostPath": "/m"}, "engine": {"image": "img"},
+                                    "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}).autoscaling
+    assert (auto["scaleDownStabilizationSeconds"]["default"], auto["targetUtilization"]["default"]) == (
+        scaled.scale_down_stabilization_seconds, scaled.target_utilization)
     assert sp["partition"]["properties"]["backend"]["enum"] == ["auto", "greenctx", "shared", "cpu"]
 
 
@@ -119,12 +130,16 @@ def test_every_status_key_the_operator_writes_is_declared():
            "status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 1, "updatedReplicas": 2}}
     obs = conditions.Observed(desired_replicas=2, deployment=dep)
     conds = conditions.merge(None, conditions.compute(obs), 3, status.stamp(now))
-    history = status.record([], "Split", "prefill=0.5", "prefill=0.3", "Spec", now)
-    pods = [{"name": "p", "desired": "prefill=0.3", "applied": "prefill=0.3", "appliedSMs": 40,
-             "lastError": "x", "lastAttemptTime": status.stamp(now)}]
+    history = status.record([], "Split", "prefill=0.5", "prefill=0.3", "TTFTAboveTarget", now, pod="p",
+                            message="TTFT p90 812 ms (target 500)")
+    pods = [{"name": "p", "desired": "prefill=0.3", "applied": "prefill=0.3", "appliedSMs": 40, "reason": "Spec",
+             "lastError": "x", "lastAttemptTime": status.stamp(now), "ttftMs": 12.5, "tpotMs": 3.1}]
     written = status.assemble(service="s", deployment=dep, conditions=conds, split="prefill=0.3",
                               template_hash="abc", pods=pods, history=history)
     written["observedGeneration"] = 3
+    written["slo"] = status.slo_figures(95, conditions.Metrics(ttft_ms=212.0, tpot_ms=9.5), measured_at=1.7e9)
+    written["autoscaling"] = {"desiredReplicas": 3, "reason": "NoSplitMeetsSLO", "message": "m"}
+    written["policyState"] = "{}"
     declared = {p for p, _ in walk(crd.schema()["properties"]["status"], "")}
     assert sorted(set(_paths(written)) - declared) == []
 

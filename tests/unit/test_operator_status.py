@@ -54,8 +54,6 @@ def test_changed():
     ({"engine": {"image": "i"}}, "exactly one of pvc, hostPath, imagePath, uri"),
     ({"model": {"hostPath": "/a", "uri": "hf://x"}, "engine": {"image": "i"}}, "exactly one"),
     ({"model": {"hostPath": "/a"}, "engine": {}}, "spec.engine.image is required"),
-    ({"model": {"hostPath": "/a"}, "engine": {"image": "i"}, "replicas": 1,
-      "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}, "mutually exclusive"),
     ({"model": {"hostPath": "/a"}, "engine": {"image": "i"},
       "autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas must be less than or equal"),
     ({"model": {"hostPath": "/a"}, "engine": {"image": "i"}, "partition": {"initial": 0.95}}, "0 < min <= initial"),
@@ -67,4 +65,4 @@ def test_bad_specs_say_what_is_wrong(body, message):
 
 def test_served_model_name_defaults_to_object_name():
     s = spec.parse("chat", "ns", {"model": {"imagePath": "/m"}, "engine": {"image": "i"}})
-    assert s.served_model_name == "chat" and s.replicas is None and not s.autoscaling
+    assert s.served_model_name == "chat" and s.replicas == 1 and s.autoscaling is None
