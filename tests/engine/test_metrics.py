@@ -111,7 +111,8 @@ def test_arrivals_count_requests_still_queued(start_server, tiny_llama_dir):
                           "--sm-split", "prefill=120", "--max-num-seqs", "1")
     with httpx.stream("POST", server.url + "/v1/completions", timeout=120, json={
             "prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "stream": True}) as first:
-        next(first.iter_lines())                          # it holds the only slot now
+        lines = first.iter_lines()        # kept referenced: a dropped iterator closes the stream (an abort)
+        next(lines)                                       # it holds the only slot now
         queued = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",), daemon=True,
                                   kwargs={"json": {"prompt": [9] * 11, "max_tokens": 1}, "timeout": 120})
         queued.start()
@@ -120,7 +121,8 @@ def test_arrivals_count_requests_still_queued(start_server, tiny_llama_dir):
             assert time.monotonic() < deadline, "the second request never arrived"
             time.sleep(0.05)
         assert value(fams, "semipd:arrived_prompt_tokens_total") == 3 + 11
-        assert value(fams, "vllm:prompt_tokens_total") == 3      # the queued prompt is not prefilled yet
+        assert value(fams, "vllm:prompt_tokens_total") == 3, server.log()    # the queued one is not prefilled yet
         assert value(fams, "vllm:num_requests_waiting") == 1
+        lines.close()
     queued.join(60)                                       # closing the stream aborted the first: the slot frees
     assert value(families(server), "vllm:prompt_tokens_total") == 3 + 11
