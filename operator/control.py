@@ -28,7 +28,7 @@ class Control:
     decision: Decision | None = None
     metrics: Metrics = Metrics()
     figures: observe.Figures | None = None
-    per_pod: dict = field(default_factory=dict)     # pod -> (ttft_s, tpot_s) as measured
+    per_pod: dict = field(default_factory=dict)     # pod -> (ttft_s, tpot_s, newest sample's age in s) as measured
     measured_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -89,7 +89,7 @@ def step(kube: Kube, body: dict, spec: ServiceSpec, control: Control, now: float
     missing = [o.pod for o in observations if o.sample_age_s is None]
     with control.lock:
         control.state, control.decision, control.figures, control.measured_at = state, decision, figures, now
-        control.per_pod = {o.pod: (o.ttft_s, o.tpot_s) for o in observations}
+        control.per_pod = {o.pod: (o.ttft_s, o.tpot_s, o.sample_age_s) for o in observations}
         control.metrics = Metrics(
             configured=True, queried=True, error_reason="NoSeries",
             error=(f"Prometheus has no series for pod(s) {', '.join(missing)} (are they scraped, and with the "

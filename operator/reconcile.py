@@ -100,6 +100,7 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
             else:
                 entry[key] = value
         if before and before != entry["desired"]:
+            view.log_decision(entry, before, now)
             emit("SplitChanged", f"pod {entry['name']}: {before} -> {entry['desired']} in place ({entry['reason']})")
             history = status.record(history, "Split", before, entry["desired"], entry["reason"], now,
                                     pod=entry["name"], message=view.message(entry["name"]))
@@ -163,6 +164,17 @@ class _View:
             return pods.Plan(initial, "Spec" if self.decision is None else "Initial")
         return plan
 
+    def log_decision(self, entry: dict, before: str, now: datetime) -> None:
+        """The control loop's latency, from the newest sample behind a decision to the engine acknowledging it."""
+        age = (self.per_pod.get(entry["name"]) or (None, None, None))[2]
+        if self.measured_at is None or age is None:
+            return
+        since_decision = now.timestamp() - self.measured_at
+        log.info("split decision on pod %s: %s -> %s (%s); newest sample %.2f s old when decided, %s %.2f s after "
+                 "the decision [decision_latency_s=%.3f]", entry["name"], before, entry["desired"], entry["reason"],
+                 age, "acknowledged" if entry.get("applied") == entry["desired"] else "not yet acknowledged",
+                 since_decision, age + since_decision if entry.get("applied") == entry["desired"] else float("nan"))
+
     def message(self, pod: str) -> str:
         d = None if self.decision is None else self.decision.splits.get(pod)
         return "" if d is None else d.message
@@ -177,7 +189,7 @@ class _View:
 
 
 def _measured(measured: tuple | None) -> dict:
-    ttft, tpot = measured or (None, None)
+    ttft, tpot, _ = measured or (None, None, None)
     return {"ttftMs": None if ttft is None else round(ttft * 1000, 1),
             "tpotMs": None if tpot is None else round(tpot * 1000, 2)}
 

@@ -370,6 +370,11 @@ class LocalKubelet:
                                      f"pods: {seen}")
             time.sleep(0.5)
 
+    def serving(self) -> dict[str, LocalPod]:
+        """The pods whose engines answer and are reported Ready now (what a Service would route to)."""
+        with self._lock:
+            return {n: p for n, p in self.pods.items() if n in self._ready}
+
     def pids(self) -> dict[str, int]:
         """Process id of each running pod's engine."""
         with self._lock:

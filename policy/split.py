@@ -51,14 +51,16 @@ def snap(x: float, bounds: SplitBounds) -> float:
 
 
 def step_from(x: float, direction: int, bounds: SplitBounds) -> float:
-    """At most `step` away (but always at least one SM group, or nothing would change), inside the bounds."""
+    """At most `step` away (but always at least one SM group, or nothing would change), inside the bounds.
+    Counted from the SM group `x` rounds onto, so an off-grid split still moves to another group."""
     points = grid(bounds)
+    cell = snap(x, bounds)
     reach = max(bounds.step, bounds.granularity) + 1e-9
-    ahead = [p for p in points if 0 < (p - x) * direction <= reach]
+    ahead = [p for p in points if 0 < (p - cell) * direction <= reach]
     if ahead:
-        return max(ahead, key=lambda p: (p - x) * direction)
-    further = [p for p in points if (p - x) * direction > 0]
-    return min(further, key=lambda p: (p - x) * direction) if further else x
+        return max(ahead, key=lambda p: (p - cell) * direction)
+    further = [p for p in points if (p - cell) * direction > 0]
+    return min(further, key=lambda p: (p - cell) * direction) if further else x
 
 
 def unusable(obs: Observation, cfg: PolicyConfig) -> tuple[str, str] | None:
@@ -151,7 +153,9 @@ def decide_split(obs: Observation, cfg: PolicyConfig, ps: PodState, now: float,
                  pooled: Models) -> tuple[SplitDecision, Assessment]:
     bounds = cfg.split
     if ps.desired is None:
-        ps.desired = snap(cfg.initial, bounds)
+        # the initial split exactly as the spec gives it (the pod already runs it; snapping would only rewrite
+        # its annotation with a value that rounds onto the same SMs)
+        ps.desired = cfg.initial if bounds.min <= cfg.initial <= bounds.max else snap(cfg.initial, bounds)
     elif not bounds.min - 1e-9 <= ps.desired <= bounds.max + 1e-9:
         return _change(ps, snap(ps.desired, bounds), now, "Bounds",
                        "the split bounds changed; moved inside them"), Assessment(valid=True)

@@ -73,6 +73,8 @@ def test_a_step_smaller_than_one_group_still_moves_one_group():
     big = SplitBounds(step=0.2)
     assert step_from(x, +1, big) == pytest.approx(88 / 132, abs=1e-6)   # 0.2 reaches three groups
     assert step_from(grid(b)[-1], +1, b) == grid(b)[-1]
+    assert step_from(0.5, -1, b) == pytest.approx(56 / 132, abs=1e-6)      # 0.5 is the 64-SM group already
+    assert step_from(0.87, +1, b) == 0.87                                     # nothing above: stays, never back
 
 
 # ---- holds ----------------------------------------------------------------------------------------------------
