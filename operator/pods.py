@@ -81,13 +81,18 @@ def sync(kube: Kube, namespace: str, service: str, port: int, plan_for: Callable
         entries.append(entry)
         if token and status.push_due(old, plan.split, status.pod_ready(pod), now, retry_after):
             due.append((entry, pod["status"]["podIP"], old))
-    if due:
-        with ThreadPoolExecutor(max_workers=min(PUSH_WORKERS, len(due))) as pool:
-            results = list(pool.map(lambda d: push_split(d[1], port, token, _fraction(d[0]["desired"]),
-                                                         push_timeout), due))
-        for (entry, _, old), result in zip(due, results):
-            _record_push(entry, old, result, now, namespace, emit)
+    results = push_all([(ip, _fraction(entry["desired"])) for entry, ip, _ in due], port, token, push_timeout)
+    for (entry, _, old), result in zip(due, results):
+        _record_push(entry, old, result, now, namespace, emit)
     return entries
+
+
+def push_all(targets: list[tuple[str, float]], port: int, token: str, timeout: float) -> list[PushResult]:
+    """push_split to every (pod IP, prefill) side by side, results in order: one slow pod costs one timeout."""
+    if not targets:
+        return []
+    with ThreadPoolExecutor(max_workers=min(PUSH_WORKERS, len(targets))) as pool:
+        return list(pool.map(lambda t: push_split(t[0], port, token, t[1], timeout), targets))
 
 
 KEPT = ("name", "applied", "appliedSMs", "lastError", "lastAttemptTime", "ttftMs", "tpotMs")
