@@ -87,6 +87,17 @@ def test_prometheus_finds_and_scrapes_every_pod_through_the_api_server(
              == generated, WAIT, what="the same figures after a restart")
 
         assert kubelet.pids() == pids and len(kubelet.started) == 2  # each engine started once, still running
+
+        # Scaled in: the pod the ReplicaSet deletes has its engine stopped, and Prometheus drops its target.
+        kube.merge_patch(names.API_VERSION, names.PLURAL, namespace, "tiny", {"spec": {"replicas": 1}})
+        (kept,) = poll(lambda: kubelet.pids() if len(kubelet.pids()) == 1 else None, WAIT, what="one engine left")
+        (dropped,) = set(pids) - {kept}
+        assert kubelet.pids() == {kept: pids[kept]}
+        poll(lambda: pods[dropped].proc.poll() is not None, WAIT, what="the deleted pod's engine to exit")
+        # (the active targets, not `up`: a target removed soon after a restart may get no staleness marker, so
+        # an instant query can still show its last sample within the 5-minute lookback)
+        poll(lambda: {t["labels"]["pod"] for t in prometheus.targets()} == {kept}, WAIT,
+             what="Prometheus to drop the deleted pod's target")
     finally:
         op.stop()
         for item in kube.list(names.API_VERSION, names.PLURAL, namespace):
