@@ -262,11 +262,20 @@ def test_scale_subresource_works_on_every_object_with_one_owner_of_the_count(kub
     del plain["spec"]["replicas"]
     create(kube, namespace, plain)
     scale_path = f"/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}/hpa/scale"
-    scale = kube.request("GET", scale_path)
-    assert scale["spec"]["replicas"] == 1
-    # what an HPA does: read the Scale, write it back whole with its resourceVersion
-    scale["spec"]["replicas"] = 2
-    kube.request("PUT", scale_path, body=scale)
+    assert kube.request("GET", scale_path)["spec"]["replicas"] == 1
+
+    def hpa_write():
+        """What an HPA does: read the Scale, write it back whole with its resourceVersion; a 409 (the operator
+        wrote the object's status meanwhile) is retried, as the HPA controller retries it."""
+        scale = kube.request("GET", scale_path)
+        scale["spec"]["replicas"] = 2
+        try:
+            return kube.request("PUT", scale_path, body=scale)
+        except ApiError as e:
+            if e.conflict:
+                return None
+            raise
+    poll(hpa_write, WAIT, what="a Scale write that is not a 409")
     poll(lambda: deployment(kube, namespace, "hpa")["spec"]["replicas"] == 2, WAIT, what="Deployment at 2",
          log=operator.log)
     poll(lambda: kube.request("GET", scale_path)["status"].get("replicas") == 2, WAIT,
