@@ -30,6 +30,7 @@ class Control:
     figures: observe.Figures | None = None
     per_pod: dict = field(default_factory=dict)     # pod -> (ttft_s, tpot_s, newest sample's age in s) as measured
     measured_at: float | None = None
+    timing: tuple[float, float] | None = None       # (when the read began, when the decision was made)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -76,6 +77,7 @@ def step(kube: Kube, body: dict, spec: ServiceSpec, control: Control, now: float
     deployment = kube.get_or_none("apps/v1", "deployments", spec.namespace, spec.name) or {}
     current = int((deployment.get("spec") or {}).get("replicas") or 0)
     ready_count = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    read_started = time.time()
     try:
         observations, figures = observe.read(Prometheus(spec.prometheus.url, timeout), spec, ready)
     except PrometheusError as e:
@@ -86,9 +88,11 @@ def step(kube: Kube, body: dict, spec: ServiceSpec, control: Control, now: float
     with control.lock:
         state = control.state or PolicyState.from_json((body.get("status") or {}).get("policyState"))
     decision = decide(observations, policy_config(spec), state, now, current, ready_count)
+    decided_at = time.time()
     missing = [o.pod for o in observations if o.sample_age_s is None]
     with control.lock:
         control.state, control.decision, control.figures, control.measured_at = state, decision, figures, now
+        control.timing = (read_started, decided_at)
         control.per_pod = {o.pod: (o.ttft_s, o.tpot_s, o.sample_age_s) for o in observations}
         control.metrics = Metrics(
             configured=True, queried=True, error_reason="NoSeries",

@@ -92,18 +92,7 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
     previous = {p.get("name"): p for p in old_status.get("pods") or []}
     entries = pods.sync(kube, namespace, name, spec.engine.port, view.plan_for(spec, previous), token,
                         old_status.get("pods"), now, settings.push_timeout, settings.retry_after, emit)
-    for entry in entries:
-        before = (previous.get(entry["name"]) or {}).get("desired")
-        for key, value in _measured(view.per_pod.get(entry["name"])).items():
-            if value is None:
-                entry.pop(key, None)    # a list item is written whole: a None would be a literal null
-            else:
-                entry[key] = value
-        if before and before != entry["desired"]:
-            view.log_decision(entry, before, now)
-            emit("SplitChanged", f"pod {entry['name']}: {before} -> {entry['desired']} in place ({entry['reason']})")
-            history = status.record(history, "Split", before, entry["desired"], entry["reason"], now,
-                                    pod=entry["name"], message=view.message(entry["name"]))
+    history = _record_splits(entries, previous, view, history, emit, now)
     observed = conditions.Observed(
         desired_replicas=builders.desired_replicas(spec, deployment["spec"].get("replicas")),
         deployment=deployment, metrics=view.metrics,
@@ -132,6 +121,7 @@ class _View:
     per_pod: dict = field(default_factory=dict)
     measured_at: float | None = None
     state: str | None = None
+    timing: tuple[float, float] | None = None
 
     @classmethod
     def of(cls, control: Control | None, spec: specs.ServiceSpec) -> "_View":
@@ -142,7 +132,7 @@ class _View:
             return cls(metrics=conditions.Metrics(configured=bool(spec.prometheus.url)))
         with control.lock:
             return cls(control.decision, control.metrics, dict(control.per_pod), control.measured_at,
-                       None if control.state is None else control.state.to_json())
+                       None if control.state is None else control.state.to_json(), control.timing)
 
     @property
     def replicas(self) -> tuple[int, str, str] | None:
@@ -164,16 +154,18 @@ class _View:
             return pods.Plan(initial, "Spec" if self.decision is None else "Initial")
         return plan
 
-    def log_decision(self, entry: dict, before: str, now: datetime) -> None:
-        """The control loop's latency, from the newest sample behind a decision to the engine acknowledging it."""
+    def log_decision(self, entry: dict, before: str) -> None:
+        """The control loop's latency, from the newest sample behind a decision to the engine acknowledging it:
+        the sample's age when the read began (an upper bound: Prometheus answered a little later), the read and
+        the decision, and the pass that pushed it."""
         age = (self.per_pod.get(entry["name"]) or (None, None, None))[2]
-        if self.measured_at is None or age is None:
+        if self.timing is None or age is None or entry.get("applied") != entry["desired"]:
             return
-        since_decision = now.timestamp() - self.measured_at
-        log.info("split decision on pod %s: %s -> %s (%s); newest sample %.2f s old when decided, %s %.2f s after "
-                 "the decision [decision_latency_s=%.3f]", entry["name"], before, entry["desired"], entry["reason"],
-                 age, "acknowledged" if entry.get("applied") == entry["desired"] else "not yet acknowledged",
-                 since_decision, age + since_decision if entry.get("applied") == entry["desired"] else float("nan"))
+        read_started, decided_at = self.timing
+        acked = datetime.now(timezone.utc).timestamp()
+        log.info("split decision on pod %s: %s -> %s (%s); newest sample %.2f s old, read and decided in %.2f s, "
+                 "acknowledged %.2f s later [decision_latency_s=%.3f]", entry["name"], before, entry["desired"],
+                 entry["reason"], age, decided_at - read_started, acked - decided_at, age + acked - read_started)
 
     def message(self, pod: str) -> str:
         d = None if self.decision is None else self.decision.splits.get(pod)
@@ -186,6 +178,24 @@ class _View:
             return {"desiredReplicas": current, "reason": "NotDecided",
                     "message": "the control loop has not decided yet (Prometheus and SLO targets are needed)"}
         return {"desiredReplicas": r.target, "reason": r.reason, "message": r.message}
+
+
+def _record_splits(entries: list[dict], previous: dict, view: _View, history: list, emit: Emit,
+                   now: datetime) -> list:
+    """Each pod's measured figures into its entry; each changed split into the history, an event and the log."""
+    for entry in entries:
+        for key, value in _measured(view.per_pod.get(entry["name"])).items():
+            if value is None:
+                entry.pop(key, None)    # a list item is written whole: a None would be a literal null
+            else:
+                entry[key] = value
+        before = (previous.get(entry["name"]) or {}).get("desired")
+        if before and before != entry["desired"]:
+            view.log_decision(entry, before)
+            emit("SplitChanged", f"pod {entry['name']}: {before} -> {entry['desired']} in place ({entry['reason']})")
+            history = status.record(history, "Split", before, entry["desired"], entry["reason"], now,
+                                    pod=entry["name"], message=view.message(entry["name"]))
+    return history
 
 
 def _measured(measured: tuple | None) -> dict:
