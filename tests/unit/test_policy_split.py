@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from semipd.policy import Observation, PolicyConfig, PolicyState, SplitBounds, Targets, decide
+from semipd.policy import Observation, PolicyConfig, PolicyState, ReplicaBounds, SplitBounds, Targets, decide
 from semipd.policy.split import grid, snap, step_from
 
 pytestmark = pytest.mark.unit
@@ -260,3 +260,23 @@ def test_a_new_pod_starts_from_the_models_the_other_pods_learnt():
     d = decide([pod.observe(0.484848, 300, name="old"), pod.observe(0.484848, 1150, name="new")], CFG, state,
                now=10.0).splits["new"]
     assert d.changed and "model" in d.message and pod.ttft(d.split, 1150) <= 0.5
+
+
+def test_with_a_model_no_split_that_meets_the_target_holds_at_the_best_and_scales_out():
+    pod = SyntheticPod(b1=0.6, a2=0.001)                          # 0.6 s of TTFT whatever the split: out of reach
+    state = learnt_state(pod)
+    top = grid(CFG.split)[-1]
+    state.pod("pod-a").desired = top
+    cfg = PolicyConfig(targets=TARGETS, split=CFG.split, replicas=ReplicaBounds(min=1, max=4))
+    d = decide([pod.observe(top, 300)], cfg, state, now=100.0, current_replicas=1, ready_replicas=1)
+    assert (d.splits["pod-a"].changed, d.splits["pod-a"].reason) == (False, "NoSplitMeetsSLO")
+    assert d.replicas.changed and d.replicas.target == 2 and d.replicas.reason == "NoSplitMeetsSLO"
+
+
+def test_with_a_model_the_cooldown_still_holds():
+    pod = SyntheticPod()
+    state = learnt_state(pod)
+    ps = state.pod("pod-a")
+    ps.desired, ps.last_change = 0.484848, 90.0
+    d, _ = one(pod.observe(0.484848, 1150), state=state, now=100.0)
+    assert (d.changed, d.reason) == (False, "Cooldown")
