@@ -89,7 +89,9 @@ def read(prom: Prometheus, spec: ServiceSpec, pods: list[str]) -> tuple[list[Obs
 
 
 def observation(pod: str, v: dict[str, float], window_s: float) -> Observation:
-    if "age" not in v:
+    if "age" not in v or "requests" not in v:
+        # no series at all, or fewer than two scrapes inside the window (increase() has nothing to compare: a
+        # gap, not zero traffic; the engine exports the arrivals counter from its start)
         return Observation(pod, split=None, sample_age_s=None)
     requests = _count(v.get("requests"))
     waiting = _count(v.get("waiting"))

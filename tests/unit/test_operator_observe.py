@@ -29,6 +29,8 @@ def test_queries_select_by_the_configured_labels_and_escape_pod_names():
 
 def test_a_pod_without_series_is_missing_and_zero_traffic_is_a_measurement():
     assert observe.observation("p", {}, 60).sample_age_s is None
+    # series there, but fewer than two scrapes in the window: a gap, not zero traffic
+    assert observe.observation("p", {"age": 3.0, "waiting": 0.0}, 60).sample_age_s is None
     idle = observe.observation("p", {"age": 1.0, "requests": 0.0, "ttft": math.nan, "tpot": math.nan,
                                      "prefill_sms": 64, "decode_sms": 68}, 60)
     assert (idle.sample_age_s, idle.requests, idle.ttft_s, idle.tpot_s) == (1.0, 0.0, None, None)
@@ -41,12 +43,13 @@ def test_arrivals_waiting_with_no_first_token_in_the_window_means_ttft_of_at_lea
 
 
 def test_a_split_that_changed_within_the_window_is_not_a_model_sample():
-    o = observe.observation("p", {"age": 0.5, "split_changes": 1.0, "prefill_sms": 72, "decode_sms": 60}, 60)
+    o = observe.observation("p", {"age": 0.5, "requests": 3.0, "split_changes": 1.0, "prefill_sms": 72,
+                                  "decode_sms": 60}, 60)
     assert not o.split_stable and o.split == pytest.approx(72 / 132)
 
 
 def test_nan_in_a_rate_reaches_the_policy_as_nan():
-    o = observe.observation("p", {"age": 0.5, "prompt_rate": math.nan}, 60)
+    o = observe.observation("p", {"age": 0.5, "requests": 3.0, "prompt_rate": math.nan}, 60)
     assert math.isnan(o.prompt_rate)
 
 
