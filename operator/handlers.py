@@ -121,8 +121,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             return cfg.status_interval      # the spec handler reports an invalid spec
         if not spec.controlled:
             return cfg.status_interval      # nothing to decide; the refresh timer keeps the status fresh
-        control.step(cfg.kube, body, spec, controls.get(namespace, name), timeout=cfg.settings.push_timeout * 2.5)
-        run(namespace, name, skip_rejected=True)
+        control.step(cfg.kube, body, spec, controls.get(namespace, name), timeout=cfg.settings.prometheus_timeout)
+        _quietly(run, namespace, name, skip_rejected=True)
         return float(spec.prometheus.interval_seconds)
 
     @kopf.on.login(registry=registry, id="login")
@@ -166,10 +166,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         """Per service, at spec.prometheus.intervalSeconds. The blocking work runs in a worker thread, so one
         service's slow Prometheus or pods never hold up another's loop."""
         while not stopped:
-            try:
-                delay = await asyncio.to_thread(_quietly_step, control_step, namespace, name, cfg.status_interval)
-            except asyncio.CancelledError:
-                raise
+            delay = await asyncio.to_thread(_quietly_step, control_step, namespace, name, cfg.status_interval)
             await stopped.wait(delay)
 
     @kopf.on.event("apps", "v1", "deployments", id="child", labels=ours, registry=registry)

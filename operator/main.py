@@ -26,6 +26,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds between status refreshes of each SemiPDService")
     p.add_argument("--push-timeout", type=float, default=2.0,
                    help="seconds one PUT /admin/partition to a pod may take")
+    p.add_argument("--prometheus-timeout", type=float, default=5.0,
+                   help="seconds one PromQL query of the SLO control loop may take")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = handlers.OperatorConfig(
         kube=Kube(kubernetes.client.ApiClient(connection), field_manager=names.MANAGED_BY),
         connection=connection, status_interval=args.status_interval,
-        settings=reconcile.Settings(push_timeout=args.push_timeout), namespaces=tuple(args.namespace))
+        settings=reconcile.Settings(push_timeout=args.push_timeout, prometheus_timeout=args.prometheus_timeout),
+        namespaces=tuple(args.namespace))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, cfg)
     try:

@@ -24,6 +24,7 @@ Emit = Callable[..., None]
 class Settings:
     push_timeout: float = 2.0       # seconds for one PUT /admin/partition
     retry_after: float = 15.0       # seconds before a failed push of the same split is tried again
+    prometheus_timeout: float = 5.0  # seconds one PromQL query may take
 
 
 class Rejected(Exception):
