@@ -27,7 +27,6 @@ class Control:
     state: PolicyState | None = None
     decision: Decision | None = None
     metrics: Metrics = Metrics()
-    figures: observe.Figures | None = None
     per_pod: dict = field(default_factory=dict)     # pod -> (ttft_s, tpot_s, newest sample's age in s) as measured
     measured_at: float | None = None
     timing: tuple[float, float] | None = None       # (when the read began, when the decision was made)
@@ -69,7 +68,7 @@ def step(kube: Kube, body: dict, spec: ServiceSpec, control: Control, now: float
     now = time.time() if now is None else now
     if not spec.controlled:
         with control.lock:
-            control.decision, control.figures, control.per_pod = None, None, {}
+            control.decision, control.per_pod = None, {}
             control.metrics = Metrics(configured=bool(spec.prometheus.url))
         return
     ready = [p["metadata"]["name"] for p in kube.list("v1", "pods", spec.namespace, names.selector_string(spec.name))
@@ -91,7 +90,7 @@ def step(kube: Kube, body: dict, spec: ServiceSpec, control: Control, now: float
     decided_at = time.time()
     missing = [o.pod for o in observations if o.sample_age_s is None]
     with control.lock:
-        control.state, control.decision, control.figures, control.measured_at = state, decision, figures, now
+        control.state, control.decision, control.measured_at = state, decision, now
         control.timing = (read_started, decided_at)
         control.per_pod = {o.pod: (o.ttft_s, o.tpot_s, o.sample_age_s) for o in observations}
         control.metrics = Metrics(
