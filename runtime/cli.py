@@ -1,4 +1,4 @@
-"""The one `semipd` command: serve, tiny-model, operator."""
+"""The one `semipd` command: serve, bench, simulate, tiny-model, operator."""
 import argparse
 import logging
 import os
@@ -132,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tiny-model", help="write a small random model with a tokenizer and chat template (no network)",
                    add_help=False)
     sub.add_parser("operator", help="run the SemiPDService Kubernetes operator", add_help=False)
+    sub.add_parser("bench", help="drive an OpenAI-compatible server with load; latency percentiles, SLO attainment, "
+                                 "goodput", add_help=False)
+    sub.add_parser("simulate", help="predict SLO attainment of semipd pods (or unified serving) with the real policy "
+                                    "(simulated figures)", add_help=False)
+    if argv and argv[0] == "bench":
+        from semipd.loadgen.cli import main as bench_main
+        return bench_main(argv[1:])
+    if argv and argv[0] == "simulate":
+        from semipd.sim.cli import main as simulate_main
+        return simulate_main(argv[1:])
     if argv and argv[0] == "tiny-model":
         from semipd.runtime.tiny_model import main as tiny_model_main
         return tiny_model_main(argv[1:])
