@@ -35,7 +35,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
                    help="auto: Triton kernels on CUDA, torch references on CPU")
     p.add_argument("--partition-backend", default="auto", choices=["auto", "greenctx", "shared", "cpu"],
-                   help="auto: green contexts on CUDA when the driver has them, else shared streams; cpu without GPU")
+                   help="auto: green contexts on CUDA when the driver has them, else shared streams; cpu without GPU. "
+                        "shared: no isolation, the unified baseline (on CUDA or CPU)")
     p.add_argument("--sm-split", help="initial split: prefill=N (SMs) or prefill=F (fraction, rounded to what the "
                                       "device allows)")
     p.add_argument("--partition-policy", default="external", choices=["external", "static", "slo"],

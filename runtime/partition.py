@@ -7,7 +7,8 @@ streams at its next iteration boundary, so nothing drains and nothing restarts.
 Backends:
 - greenctx: CUDA green contexts. One driver-level split per candidate (cuDevSmResourceSplitByCount, result =
   prefill, remainder = decode), so the two phases never overlap. Needs cuda-python's `cuda.bindings`.
-- shared: two ordinary CUDA streams over the whole GPU; no isolation (the "unified" baseline).
+- shared: two ordinary CUDA streams over the whole GPU; no isolation (the "unified" baseline). On a CPU device,
+  the same baseline over the whole machine.
 - cpu: no GPU. Applies the driver's rounding rules for a given SM count; on it the controller records which split
   each phase used for each step (PartitionController.history), so the switching logic is tested without a GPU.
   It is a named stand-in, not a partition. With `--emulate-sm-share` a split also costs what it would on a GPU,
@@ -73,21 +74,29 @@ class CpuBackend:
 
 
 class SharedBackend:
-    """Both phases on the whole GPU; a 'split' is only recorded, never enforced."""
+    """Both phases on the whole GPU; a 'split' is only recorded, never enforced. On a CPU device it is the same
+    baseline over the whole machine (the cpu stand-in's SM count, no streams), so one flag names the unified
+    baseline everywhere; unlike the cpu backend it refuses --emulate-sm-share."""
     name = "shared"
 
     def __init__(self, device):
         import torch
-        self.total_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.granularity = HOPPER_GRANULARITY
-        self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        if torch.device(device).type == "cuda":
+            self.total_sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+            self._where = f"shared streams over all {self.total_sms} SMs"
+        else:
+            self.total_sms = HOPPER_SMS
+            self._streams = (None, None)
+            self._where = "both phases on the whole CPU"
         self.splits = {p: Split(p, self.total_sms - p) for p in candidate_prefill_sms(self.total_sms, self.granularity)}
 
     def streams(self, split: Split):
         return self._streams
 
     def describe(self) -> str:
-        return f"shared streams over all {self.total_sms} SMs (no isolation: the unified baseline)"
+        return f"{self._where} (no isolation: the unified baseline)"
 
 
 class GreenContextBackend:
@@ -204,7 +213,7 @@ def make_backend(name: str, device) -> "CpuBackend | SharedBackend | GreenContex
     on_cuda = torch.device(device).type == "cuda"
     if name == "cpu":
         return CpuBackend()
-    if name in ("shared", "greenctx") and not on_cuda:
+    if name == "greenctx" and not on_cuda:
         raise ValueError(f"--partition-backend {name} needs a CUDA device; this engine runs on {device}")
     if name == "shared":
         return SharedBackend(device)

@@ -140,10 +140,16 @@ def test_auto_on_a_cpu_device_chooses_the_cpu_stand_in_and_says_why(caplog):
         "partition backend: cpu (no CUDA device; splits are recorded, not enforced)"]
 
 
-@pytest.mark.parametrize("name", ["shared", "greenctx"])
-def test_a_gpu_backend_on_a_cpu_device_is_refused_naming_the_flag(name):
-    with pytest.raises(ValueError, match=f"--partition-backend {name} needs a CUDA device"):
-        make_backend(name, "cpu")
+def test_green_contexts_on_a_cpu_device_are_refused_naming_the_flag():
+    with pytest.raises(ValueError, match="--partition-backend greenctx needs a CUDA device"):
+        make_backend("greenctx", "cpu")
+
+
+def test_the_shared_baseline_runs_on_a_cpu_device_over_the_whole_machine():
+    backend = make_backend("shared", "cpu")
+    assert backend.name == "shared" and backend.total_sms == 132
+    assert backend.streams(next(iter(backend.splits.values()))) == (None, None)
+    assert "unified baseline" in backend.describe() and "CPU" in backend.describe()
 
 
 def test_an_unknown_backend_name_is_refused():
