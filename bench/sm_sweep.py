@@ -52,6 +52,7 @@ class Row:
     partner: str                # what ran on the other stream for with_other_ms
     samples: int                # calls kept for with_other_ms
     note: str = ""
+    context: int | None = None  # decode: KV tokens per sequence, when it differs from meta["context"]
 
     @property
     def slowdown(self) -> float | None:
@@ -372,7 +373,10 @@ def main(argv=None) -> int:
                      args.partner_batch, not args.no_concurrent)
         print("dry run: SYNTHETIC latencies from a made-up a/x+b model, no GPU, nothing measured")
         print(table(rows))
-        write_json(args.json, {"dry_run": True, "rows": [asdict(r) | {"slowdown": r.slowdown} for r in rows]})
+        meta = {"device": "synthetic (dry run)", "sms": HOPPER_SMS, "context": args.context,
+                "workload": "synthetic a/x+b model"}
+        write_json(args.json, {"dry_run": True, "meta": meta,
+                               "rows": [asdict(r) | {"slowdown": r.slowdown} for r in rows]})
         return EXIT_OK
     refused = refuse_without_cuda(PROG)
     if refused is not None:
