@@ -252,8 +252,8 @@ def _chunk_text(data: dict, chat: bool) -> str:
 def spread_gaps(chunk_times: list[float], tokens: int) -> list[float]:
     """ITLs of one request: `tokens` output tokens arrived in chunks at `chunk_times` (the first chunk holds the
     first token). The tokens after the first are shared among the later chunks as evenly as integers allow
-    (earlier chunks get the remainder); a chunk with k tokens after a gap g gives k gaps of g/k. A chunk given
-    no token (more chunks than tokens) folds its gap into the next one."""
+    (the later chunks get the remainder, so the last chunk always holds the last token); a chunk with k tokens
+    after a gap g gives k gaps of g/k. A chunk given no token (more chunks than tokens) folds its gap into the next."""
     later = len(chunk_times) - 1
     rest = tokens - 1
     if later <= 0 or rest <= 0:
@@ -262,7 +262,7 @@ def spread_gaps(chunk_times: list[float], tokens: int) -> list[float]:
     gaps: list[float] = []
     carried_from = chunk_times[0]
     for j in range(1, len(chunk_times)):
-        k = base + (1 if j - 1 < extra else 0)
+        k = base + (1 if j > later - extra else 0)
         if k == 0:
             continue
         g = chunk_times[j] - carried_from
