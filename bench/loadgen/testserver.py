@@ -2,7 +2,8 @@
 
 Every request waits `ttft_s` (+ `ttft_per_token_s` per prompt token) before its first token, then streams one
 token every `tpot_s`, `chunk_tokens` tokens per chunk after the first. Every `slow_every`-th request (counted in
-the order requests arrive, from 1) waits `slow_ttft_s` instead; every `fail_every`-th answers 500; a prompt longer
+the order requests arrive, from 1) waits `slow_ttft_s` instead; every `fail_every`-th answers 500, every `drop_every`-th
+loses its connection after the first token; a prompt longer
 than `max_prompt_tokens` answers 400 like vLLM. With `concurrency`, at most that many requests are served at once
 and the others queue (their wait is part of their TTFT), so queueing is predictable. `tokenize` adds vLLM's
 `POST /tokenize`. With `api_key`, requests without that bearer token get 401.
@@ -40,6 +41,7 @@ class ServerSettings:
     slow_every: int = 0
     slow_ttft_s: float = 0.5
     fail_every: int = 0
+    drop_every: int = 0           # every k-th request: the connection drops after the first token
     max_prompt_tokens: int = 100_000
     concurrency: int = 0
     tokenize: bool = False
@@ -125,6 +127,8 @@ def make_app(settings: ServerSettings):
                     yield b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant",
                                                                                       "content": ""}}]}).encode() + b"\n\n"
                 yield chunk(1, n_out == 1)
+                if settings.drop_every and n % settings.drop_every == 0:
+                    raise ConnectionAbortedError("dropped on purpose")   # uvicorn cuts the response off
                 sent = 1
                 while sent < n_out:
                     k = min(settings.chunk_tokens, n_out - sent)
