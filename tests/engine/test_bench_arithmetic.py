@@ -68,9 +68,10 @@ def test_multi_token_chunks_count_k_gaps_and_prompts_calibrate_from_usage(tmp_pa
     settings = ServerSettings(ttft_s=0.05, tpot_s=0.02, chunk_tokens=3)
     with SlowServer(settings) as server:
         doc, _ = bench(server.url, tmp_path, "--endpoint", "chat", "--rate", "20", "--num-requests", "6",
-                       "--input-len", "uniform:20:60", "--output-len", "10", "--seed", "2")
-        calibration = server.counts["received"] - 6
+                       "--input-len", "uniform:20:60", "--output-len", "10", "--seed", "2", "--warmup", "2")
+        calibration = server.counts["received"] - 6 - 2           # the two warm-up requests are not reported
     reqs = doc["runs"][0]["requests"]
+    assert len(reqs) == 6 and doc["client"]["warmup"] == 2
     assert doc["prompts"]["method"] == "usage" and doc["prompts"]["calibration_requests"] == calibration
     from semipd.loadgen.workload import Workload, parse_length
     planned = Workload(rate=20, input=parse_length("uniform:20:60"), output=parse_length("10"), num_requests=6,
