@@ -9,6 +9,8 @@ phase from /metrics before and after, so each figure is the engine's mean step t
 - decode alone, batch B: B streams with a --context-token prompt, measured from the moment all B have their
   first token until the first one ends, so every step in the window ran the whole batch (the row's size is the
   mean batch the engine reports, its context the mean KV length);
+- the API's own cost: how much longer an idle one-token request takes, seen from the client, than its prefill
+  step (HTTP, tokenizing, queueing, the first chunk), as meta["api_overhead_ms"];
 - with the other phase busy: the same two, at once (prefill N against a decode batch of --partner-batch, decode
   B against back-to-back prefills of --partner-tokens), the way the engine's two workers contend.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import threading
 import time
@@ -174,6 +177,7 @@ class EngineMeasure:
         self.repeats = repeats
         self.min_window_s = min_window_s
         self.decode_context: dict[tuple[str, int], float] = {}
+        self.api_overhead_ms: list[float] = []      # a request's time outside its prefill step, idle engine
 
     def _on(self, t: Target):
         if t.label != "current":
@@ -184,9 +188,13 @@ class EngineMeasure:
         if phase == "prefill":
             self.client.complete(size, 1)                       # warm-up
             before = self.client.steps()
+            started = time.monotonic()
             for _ in range(self.repeats):
                 self.client.complete(size, 1)
+            wall_ms = 1000.0 * (time.monotonic() - started) / self.repeats
             ms, steps, _ = delta(before, self.client.steps(), "prefill")
+            if ms is not None:
+                self.api_overhead_ms.append(wall_ms - ms * steps / self.repeats)
             return ms, f"engine metrics, {steps} steps"
         ms, steps, batch = self._decode_window(t, size, None)
         return ms, f"engine metrics, {steps} steps, mean batch {batch:.1f}"
@@ -270,6 +278,8 @@ def main(argv=None) -> int:
     meta = {"device": "semipd engine (its own step-time metrics)", "sms": client.partition()["total_sms"],
             "context": args.context + args.decode_tokens // 2, "workload": client.model, "url": args.url,
             "source": "engine /metrics: semipd:step_seconds, semipd:step_tokens", "repeats": args.repeats,
+            "api_overhead_ms": round(statistics.median(measure.api_overhead_ms), 3) if measure.api_overhead_ms
+            else None,
             "seconds": round(time.monotonic() - started, 1)}
     print(f"{meta['device']}, model {client.model}, decode context ~{meta['context']} tokens")
     print(table(rows))

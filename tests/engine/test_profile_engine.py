@@ -37,6 +37,7 @@ def test_a_profile_of_two_splits_has_every_row_in_sm_sweeps_format(start_server,
                     for n in sizes}
     assert all(r["prefill_sms"] + r["decode_sms"] == doc["meta"]["sms"] == 132 for r in doc["rows"])
     assert all(r["alone_ms"] > 0 for r in doc["rows"])
+    assert doc["meta"]["api_overhead_ms"] is not None
     assert all(r["context"] == 16 + 12 for r in doc["rows"] if r["phase"] == "decode")   # prompt + half the output
     # the last split profiled is the one the engine runs now
     state = httpx.get(server.url + "/admin/partition", headers={"Authorization": f"Bearer {TOKEN}"}).json()
