@@ -71,6 +71,10 @@ def make_app(settings: ServerSettings):
             return CHAT_OVERHEAD + sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []))
         return 1 + count_tokens(str(body.get("prompt", "")))
 
+    @app.get("/health")
+    async def health():
+        return {}
+
     @app.get("/v1/models")
     async def models(request: Request):
         if not authorized(request):
