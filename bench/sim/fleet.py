@@ -361,15 +361,19 @@ def compare_fleet(model, cfg, trace, slo: SLO, autoscalers, max_pods=50, startup
     requests = trace.requests()
     progress(f"[SIMULATED] fleet: {len(requests)} requests over {trace.day_s:g} s "
              f"(mean {trace.mean_rate:g} req/s, peak {trace.mean_rate * (1 + trace.amplitude):g})")
-    if "dynamo" in autoscalers and capacity is None:
+    if capacity is None:
         started = time.monotonic()
         capacity = pod_capacity(model, cfg, slo, trace, split)
         progress(f"[SIMULATED] profiled one pod: {capacity:g} req/s at {slo.attainment:.0%} attainment "
                  f"({time.monotonic() - started:.0f} s)")
+    # every autoscaler starts with the pods the night's trough needs (by the profiled capacity when there is one)
+    trough = trace.mean_rate * (1 - trace.amplitude)
+    initial = max(1, math.ceil(trough / capacity)) if capacity else 1
     rows, outcomes = [], []
     for name in autoscalers:
         started = time.monotonic()
-        o = run_fleet(requests, model, cfg, name, slo, capacity, max_pods, startup_s, split, keda_target=keda_target)
+        o = run_fleet(requests, model, cfg, name, slo, capacity, max_pods, startup_s, split, initial=initial,
+                      keda_target=keda_target)
         row = o.summary(slo)
         rows.append(row)
         outcomes.append(o)
