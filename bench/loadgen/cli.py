@@ -128,9 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--duration", type=_positive_float, help="seconds of arrivals per rate")
     load.add_argument("--burstiness", type=_positive_float, default=1.0,
                       help="gamma shape of the gaps between arrivals: 1 = Poisson, < 1 burstier, > 1 more regular")
-    load.add_argument("--input-len", type=_length, default=parse_length("128"),
+    load.add_argument("--input-len", type=_length, default="128",
                       help="prompt tokens: N, fixed:N, uniform:LOW:HIGH or lognormal:MEDIAN[:SIGMA[:LOW:HIGH]]")
-    load.add_argument("--output-len", type=_length, default=parse_length("64"),
+    load.add_argument("--output-len", type=_length, default="64",
                       help="output tokens (sent as max_tokens with ignore_eos), same forms as --input-len")
     load.add_argument("--dataset", metavar="FILE.jsonl",
                       help='JSONL of lengths {"input_tokens": N, "output_tokens": M} or of prompts {"prompt": "...", '
