@@ -50,6 +50,7 @@ def queries(spec: ServiceSpec, pods: list[str]) -> dict[str, str]:
         "prompt_throughput": f"sum {by} (rate(vllm:prompt_tokens_total{sel}{w}))",
         "output_rate": f"sum {by} (rate(vllm:generation_tokens_total{sel}{w}))",
         "preemption_rate": f"sum {by} (rate(vllm:num_preemptions_total{sel}{w}))",
+        "prefill_busy": f"sum {by} (rate(semipd:step_seconds_sum{prefill}{w}))",
         "waiting": f"sum {by} (vllm:num_requests_waiting{sel})",
         "handoff": f"sum {by} (semipd:queue_length{decode})",
         "kv_usage": f"max {by} (vllm:kv_cache_usage_perc{sel})",
@@ -107,7 +108,9 @@ def observation(pod: str, v: dict[str, float], window_s: float) -> Observation:
         arrival_rate=_count(v.get("arrival_rate")), prompt_rate=_count(v.get("prompt_rate")),
         prompt_throughput=_count(v.get("prompt_throughput")), output_rate=_count(v.get("output_rate")),
         waiting=waiting, handoff=_count(v.get("handoff")), kv_usage=_count(v.get("kv_usage")),
-        preemption_rate=_count(v.get("preemption_rate")), sample_age_s=max(0.0, v["age"]))
+        preemption_rate=_count(v.get("preemption_rate")),
+        prefill_busy=_share(v.get("prefill_busy")),
+        sample_age_s=max(0.0, v["age"]))
 
 
 def _first(samples) -> float | None:
@@ -117,6 +120,12 @@ def _first(samples) -> float | None:
 def _latency(value: float | None) -> float | None:
     """A quantile over no observations is NaN: no request contributed (the caller decides what that means)."""
     return None if value is None or math.isnan(value) else value
+
+
+def _share(value: float | None) -> float | None:
+    """A busy share: absent (no prefill step yet) is unknown; NaN stays NaN; a rate that rounding puts above 1
+    is 1."""
+    return None if value is None else value if math.isnan(value) else min(1.0, value)
 
 
 def _count(value: float | None) -> float:

@@ -1,7 +1,8 @@
 """One pod's split: from its window of observations to the prefill share it should run, with the reason.
 
 Order of precedence: unusable metrics hold the last decision; a pod still adopting the last split holds; no
-traffic holds; the cooldown holds. Then, when latency models are trusted (fitted and agreeing with what the pod
+traffic holds; the cooldown holds. A TTFT miss with requests waiting and prefill mostly idle is admission waiting
+for decode (slots, KV): a step towards decode. Then, when latency models are trusted (fitted and agreeing with what the pod
 measures now), the policy jumps to the split with the most margin under the predicted load; otherwise it steps
 as semi-PD's feedback rule does (TTFT misses: towards prefill; else TPOT misses: towards decode). Either way it
 moves only when a target is missed or about to be (hysteresis), so a steady load that meets its targets causes
@@ -18,6 +19,8 @@ AGREEMENT = 1.5             # a model within this factor of what the pod measure
 NEAR_MISS = 0.8             # a latency above 80 % of its target with the load rising is about to miss
 RISING = 1.2                # ... and the load "rises" when it is projected 20 % above today's within the horizon
 FLAP_COOLDOWNS = 3          # a reversal within this many cooldowns of the last move is oscillation
+IDLE_PREFILL = 0.5          # requests wait although prefill computed less than half the window: it is not the
+                            # bottleneck; admission waits for decode slots or KV blocks that decode frees
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def unusable(obs: Observation, cfg: PolicyConfig) -> tuple[str, str] | None:
         return "MetricsMissing", "no samples from this pod"
     numbers = [obs.sample_age_s, obs.requests, obs.prompt_rate, obs.arrival_rate, obs.output_rate, obs.waiting,
                obs.handoff, obs.kv_usage, obs.preemption_rate, obs.prompt_throughput]
-    numbers += [v for v in (obs.split, obs.ttft_s, obs.tpot_s) if v is not None]
+    numbers += [v for v in (obs.split, obs.ttft_s, obs.tpot_s, obs.prefill_busy) if v is not None]
     if any(math.isnan(v) or math.isinf(v) for v in numbers):
         return "MetricsInvalid", "a measurement is NaN or infinite"
     if obs.sample_age_s > cfg.max_sample_age_s:
@@ -179,9 +182,34 @@ def decide_split(obs: Observation, cfg: PolicyConfig, ps: PodState, now: float,
     judge = _Judge(obs, cfg, own)
     if judge.models is None:
         judge = _Judge(obs, cfg, Models(own.ttft or pooled.ttft, own.tpot or pooled.tpot))
+    if judge.ttft_miss and admission_blocked(obs):
+        return _to_decode_for_admission(judge, current, load, ps, now, cfg)
     if judge.models is not None:
         return _by_model(judge, current, load, ps, now, cfg)
     return _by_feedback(judge, current, load, ps, now, cfg)
+
+
+def admission_blocked(obs: Observation) -> bool:
+    """Requests wait while the prefill worker is mostly idle: the queue is not prefill's. The engine admits a
+    request only with a decode slot and KV blocks free, and only decode frees them; more prefill SMs would slow
+    decode and lengthen the wait (semi-PD's rule makes exactly that move)."""
+    return obs.waiting >= 1 and obs.prefill_busy is not None and obs.prefill_busy < IDLE_PREFILL
+
+
+def _to_decode_for_admission(judge: _Judge, current: float, load: float, ps: PodState, now: float,
+                             cfg: PolicyConfig) -> tuple[SplitDecision, Assessment]:
+    obs = judge.obs
+    figures = _figures(judge) + (f"; {obs.waiting:.0f} waiting while prefill computed {obs.prefill_busy:.0%} of "
+                                 f"the window: admission waits for decode")
+    base = dict(valid=True, traffic=True, load=load, pressure=judge.pressure)
+    target = step_from(current, -1, cfg.split)
+    if target == current:
+        return (_hold(current, "AtBound", figures + f"; the split is at its bound ({current:.3f})"),
+                Assessment(**base, feasible=False))
+    if _cooling(ps, now, cfg):
+        return _hold(current, "Cooldown", figures), Assessment(**base)
+    return (_change(ps, target, now, "AdmissionBlocked", figures + f"; step {current:.3f} -> {target:.3f}"),
+            Assessment(**base))
 
 
 def _by_model(judge: _Judge, current: float, load: float, ps: PodState, now: float,

@@ -62,6 +62,7 @@ class Observation:
     handoff: float = 0.0                # prefilled requests waiting for a decode slot
     kv_usage: float = 0.0               # 0..1
     preemption_rate: float = 0.0        # preemptions/s
+    prefill_busy: float | None = None   # share of the window the prefill worker computed (0..1); None: unknown
     sample_age_s: float | None = None   # age of the newest sample; None: the pod has no samples at all
 
 

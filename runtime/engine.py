@@ -229,6 +229,7 @@ class Engine:
         prefilled = sum(n for _, n in chunks)
         self.metrics.step("prefill", time.monotonic() - started, prefilled)
         self.recent.count("prefilled_tokens", prefilled)
+        self.recent.count("prefill_busy_s", time.monotonic() - started)
         now = time.monotonic()
         with self._lock:
             for seq, n in chunks:

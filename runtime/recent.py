@@ -18,6 +18,7 @@ class Totals:
     prefilled_tokens: int = 0       # prompt tokens computed (chunks, recomputes included)
     output_tokens: int = 0
     preemptions: int = 0
+    prefill_busy_s: float = 0.0     # seconds the prefill worker spent in steps
 
 
 class RecentSamples:

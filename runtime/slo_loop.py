@@ -93,7 +93,8 @@ class SloLoop:
             requests=float(totals.arrivals - base.arrivals), arrival_rate=rate("arrivals"),
             prompt_rate=rate("arrived_prompt_tokens"), prompt_throughput=rate("prefilled_tokens"),
             output_rate=rate("output_tokens"), waiting=float(waiting), handoff=float(handoff), kv_usage=kv_usage,
-            preemption_rate=rate("preemptions"), sample_age_s=0.0)     # its own numbers are always fresh
+            preemption_rate=rate("preemptions"), prefill_busy=min(1.0, rate("prefill_busy_s")),
+            sample_age_s=0.0)     # its own numbers are always fresh
 
     def tick(self, now: float) -> None:
         obs = self.observe(now)

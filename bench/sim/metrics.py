@@ -14,7 +14,8 @@ import math
 from semipd.runtime.metrics import ITL_BUCKETS, TTFT_BUCKETS
 from semipd.runtime.recent import RecentSamples
 
-COUNTERS = ("arrivals", "arrived_prompt_tokens", "prompt_tokens", "generation_tokens", "preemptions")
+COUNTERS = ("arrivals", "arrived_prompt_tokens", "prompt_tokens", "generation_tokens", "preemptions",
+            "prefill_busy_s")
 GAUGES = ("waiting", "handoff", "running", "kv_usage", "prefill_sms", "decode_sms")
 
 
@@ -114,6 +115,10 @@ class PodMetrics:
         s = self.steps[phase]
         s[0] += 1
         s[1] += dur
+        if phase == "prefill":          # semipd:step_seconds_sum{phase="prefill"}, and the engine's own total
+            self.c["prefill_busy_s"] += dur
+            if self.recent is not None:
+                self.recent.count("prefill_busy_s", dur)
 
     def sms(self, prefill: int, decode: int) -> None:
         self.g["prefill_sms"], self.g["decode_sms"] = float(prefill), float(decode)
@@ -168,6 +173,7 @@ class Scraper:
         v["prompt_throughput"] = rate("prompt_tokens")
         v["output_rate"] = rate("generation_tokens")
         v["preemption_rate"] = rate("preemptions")
+        v["prefill_busy"] = rate("prefill_busy_s")
         v["split_changes"] = float(sum(1 for a, b in zip(s, s[1:]) if a[1][1]["prefill_sms"] != b[1][1]["prefill_sms"]))
         v["ttft"] = histogram_quantile(q, TTFT_BUCKETS, [b - a for a, b in zip(ttft0, ttft1)])
         v["tpot"] = histogram_quantile(q, ITL_BUCKETS, [b - a for a, b in zip(tpot0, tpot1)])

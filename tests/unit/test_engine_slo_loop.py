@@ -78,6 +78,7 @@ def test_observation_reads_the_window_only():
     recent.count("prefilled_tokens", 450)
     recent.count("output_tokens", 90)
     recent.count("preemptions", 3)
+    recent.count("prefill_busy_s", 12.0)
     obs = loop.observe(clock.now)
     assert obs.pod == "self" and obs.sample_age_s == 0.0
     assert obs.ttft_s == pytest.approx(0.91) and obs.tpot_s == pytest.approx(0.091)
@@ -85,6 +86,7 @@ def test_observation_reads_the_window_only():
     assert (obs.arrival_rate, obs.prompt_rate, obs.prompt_throughput, obs.output_rate, obs.preemption_rate) == \
         pytest.approx((6 / 30, 20, 15, 3, 0.1))
     assert (obs.waiting, obs.handoff, obs.kv_usage) == (3, 1, 0.25)
+    assert obs.prefill_busy == pytest.approx(12.0 / 30)
     assert obs.split == pytest.approx(32 / 132) and obs.split_stable
 
 

@@ -48,6 +48,17 @@ def test_a_split_that_changed_within_the_window_is_not_a_model_sample():
     assert not o.split_stable and o.split == pytest.approx(72 / 132)
 
 
+def test_the_prefill_busy_share_comes_from_the_prefill_step_seconds_and_absent_is_unknown():
+    s = make(slo={"ttftMs": 500, "windowSeconds": 30})
+    q = observe.queries(s, ["svc-a"])["prefill_busy"]
+    assert q.startswith("sum by (pod) (rate(semipd:step_seconds_sum{") and 'phase="prefill"' in q and "[30s]" in q
+    base = {"age": 0.5, "requests": 3.0}
+    assert observe.observation("p", base | {"prefill_busy": 0.25}, 30).prefill_busy == 0.25
+    assert observe.observation("p", base | {"prefill_busy": 1.0000001}, 30).prefill_busy == 1.0
+    assert observe.observation("p", base, 30).prefill_busy is None
+    assert math.isnan(observe.observation("p", base | {"prefill_busy": math.nan}, 30).prefill_busy)
+
+
 def test_nan_in_a_rate_reaches_the_policy_as_nan():
     o = observe.observation("p", {"age": 0.5, "requests": 3.0, "prompt_rate": math.nan}, 60)
     assert math.isnan(o.prompt_rate)

@@ -130,6 +130,39 @@ def test_tpot_miss_steps_towards_decode():
     assert d.changed and d.reason == "TPOTAboveTarget" and d.split == pytest.approx(0.424242, abs=1e-6)
 
 
+def test_a_ttft_miss_with_idle_prefill_and_a_queue_steps_towards_decode():
+    # requests wait, yet prefill computed 20 % of the window: admission waits for decode slots or KV, which only
+    # decode frees, so more prefill SMs would lengthen the wait (the simulator found this: semi-PD's rule made
+    # that move and TTFT grew 90x)
+    d, _ = one(SyntheticPod().observe(0.484848, 1100, waiting=40, prefill_busy=0.2))
+    assert d.changed and d.reason == "AdmissionBlocked" and d.split == pytest.approx(0.424242, abs=1e-6)
+    assert "admission waits for decode" in d.message
+
+
+@pytest.mark.parametrize("extra", [dict(waiting=40, prefill_busy=0.9),    # prefill is the bottleneck
+                                   dict(waiting=0, prefill_busy=0.2),     # nothing waits
+                                   dict(waiting=40)])                     # busy share unknown: semi-PD's rule
+def test_a_ttft_miss_with_prefill_busy_or_no_queue_still_steps_towards_prefill(extra):
+    d, _ = one(SyntheticPod().observe(0.484848, 1100, **extra))
+    assert d.changed and d.reason == "TTFTAboveTarget" and d.split > 0.484848
+
+
+def test_a_blocked_admission_at_the_decode_bound_marks_the_pod_infeasible_so_replicas_grow():
+    state = PolicyState()
+    bottom = grid(CFG.split)[0]
+    state.pod("pod-a").desired = bottom
+    obs = SyntheticPod().observe(bottom, 100, ttft_s=2.0, waiting=40, prefill_busy=0.1)
+    cfg = PolicyConfig(targets=TARGETS, split=CFG.split, replicas=ReplicaBounds(min=1, max=4))
+    d = decide([obs], cfg, state, now=100.0)
+    assert (d.splits["pod-a"].changed, d.splits["pod-a"].reason) == (False, "AtBound")
+    assert d.replicas.changed and d.replicas.target > 1
+
+
+def test_a_nan_busy_share_is_unusable():
+    d, _ = one(SyntheticPod().observe(0.484848, 1100, prefill_busy=math.nan))
+    assert (d.changed, d.reason) == (False, "MetricsInvalid")
+
+
 def test_both_missing_holds_and_marks_the_pod_infeasible():
     d, state = one(SyntheticPod(a2=0.03).observe(0.484848, 1100))
     assert (d.changed, d.reason) == (False, "BothAboveTarget")
