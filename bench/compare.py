@@ -109,12 +109,22 @@ def run_fidelity(args) -> int:
     profile = out / "cpu-profile.json"
     flags = ["--partition-backend", "cpu", "--emulate-sm-share", "--sm-split", f"prefill={args.split}",
              "--admin-token-file", str(token), *ENGINE]
+    pinned = args.pin and len(os.sched_getaffinity(0)) >= 2
+    if pinned:
+        # the engine on one core, everything that measures it (profiler, calibration, semipd bench) on another,
+        # so the client's own work does not land inside the engine's steps
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[0]})
     proc, url, cmd = start_server(model_dir(), 64, flags, out / "serve-fidelity.log")
+    if pinned:
+        os.sched_setaffinity(0, set(cores[1:]))
     measured = out / "fidelity-measured.json"
     try:
         splits = sorted({args.split, *args.profile_splits})
         subprocess.run([sys.executable, str(BENCH / "profile_engine.py"), "--url", url, "--admin-token-file",
-                        str(token), "--splits", ",".join(map(str, splits)), "--json", str(profile)], check=True)
+                        str(token), "--splits", ",".join(map(str, splits)), "--calibrate",
+                        "--calibrate-at", str(args.split), "--calibration-input-len", args.input_len,
+                        "--calibration-output-len", args.output_len, "--json", str(profile)], check=True)
         httpx_put(url, token, args.split)
         semipd("bench", "--url", url, "--label", "CPU engine (measured)",
                *workload_flags(args, ["--rate-sweep", args.rate_sweep, "--num-requests", str(args.num_requests)]),
@@ -122,9 +132,10 @@ def run_fidelity(args) -> int:
     finally:
         stop_server(proc)
     predicted = out / "fidelity-simulated.json"
-    semipd("simulate", "--gpu", "profile", "--profile", str(profile), "--mode", "static", "--split", str(args.split),
-           "--max-num-seqs", "64", "--max-num-batched-tokens", "512", "--label", "simulator on the CPU profile",
-           *workload_flags(args, ["--rate-sweep", args.rate_sweep, "--num-requests", str(args.num_requests)]),
+    flags = workload_flags(args, ["--rate-sweep", args.rate_sweep, "--num-requests", str(args.num_requests)])
+    semipd("simulate", "--gpu", "profile", "--profile", str(profile), "--mode", "static",
+           "--split", f"prefill={args.split}", "--max-num-seqs", "64", "--max-num-batched-tokens", "512",
+           "--label", "simulator on the CPU profile", *[f for f in flags if f != "--no-progress"], "--quiet",
            "--output", str(predicted))
     semipd("bench", "plot", str(measured), str(predicted), "--output", str(out / "fidelity.png"))
     print(fidelity_table(json.loads(measured.read_text()), json.loads(predicted.read_text())))
@@ -171,6 +182,8 @@ def parse_args(argv):
     cpu.add_argument("--duration", type=float, default=30.0, help="seconds per rate")
     cpu.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     fid.add_argument("--rate-sweep", default="2:8:3")
+    fid.add_argument("--no-pin", dest="pin", action="store_false",
+                     help="do not give the engine and the measuring clients separate cores")
     fid.add_argument("--num-requests", type=int, default=200, help="requests per rate")
     fid.add_argument("--profile-splits", type=lambda t: [int(x) for x in t.split(",")], default=[32, 96],
                      help="more splits for the profile besides --split")

@@ -55,9 +55,13 @@ class EngineClient:
     def steps(self) -> dict[str, tuple[float, float, float]]:
         """phase -> (seconds summed, steps, tokens) since the engine started."""
         text = self.http.get("/metrics").raise_for_status().text
-        out = {"prefill": [0.0, 0.0, 0.0], "decode": [0.0, 0.0, 0.0]}
+        out = {"prefill": [0.0, 0.0, 0.0], "decode": [0.0, 0.0, 0.0], "ttft": [0.0, 0.0, 0.0]}
         for family in text_string_to_metric_families(text):
             for s in family.samples:
+                if s.name == "vllm:time_to_first_token_seconds_sum":
+                    out["ttft"][0] += s.value
+                elif s.name == "vllm:time_to_first_token_seconds_count":
+                    out["ttft"][1] += s.value
                 phase = s.labels.get("phase")
                 if phase not in out:
                     continue
@@ -230,6 +234,74 @@ class EngineMeasure:
         return p_ms, d_ms, p_steps, d_steps
 
 
+def calibrate(client: EngineClient, url: str, rows: list[Row], meta: dict, args) -> dict:
+    """One serving run per --calibration-rates; the factors and the overhead are their means (one busy
+    machine varies by tens of percent from one run to the next, and the light and the heavy run weigh the two
+    sides of each blend differently)."""
+    runs = [calibrate_at_rate(client, url, rows, meta, args, rate) for rate in args.calibration_rates]
+    keys = ("prefill_factor", "decode_factor", "api_overhead_ms")
+    out = {k: round(sum(r[k] for r in runs) / len(runs), 4) for k in keys}
+    out["runs"] = runs
+    return out
+
+
+def calibrate_at_rate(client: EngineClient, url: str, rows: list[Row], meta: dict, args, rate: float) -> dict:
+    """One serving run (`semipd bench`, its own seed and rate, not a trace the profile is later judged on): the
+    engine's mean step per phase under real load against what the rows predict for the same mean step, and what
+    the client sees beyond the engine's own TTFT. Each prediction blends the alone and with-other rows by the
+    share of the run the other phase was busy."""
+    import json
+    import tempfile
+
+    from semipd.sim.models import Profile
+    state = client.partition()
+    p_share, d_share = state["prefill_sms"] / state["total_sms"], state["decode_sms"] / state["total_sms"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "calibration.json")
+        before = client.steps()
+        cmd = [sys.executable, "-m", "semipd.runtime.cli", "bench", "--url", url, "--rate", str(rate),
+               "--num-requests", str(args.calibration_requests), "--seed", str(args.calibration_seed),
+               "--input-len", args.calibration_input_len, "--output-len", args.calibration_output_len,
+               "--no-progress", "--output", out]
+        import subprocess
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise EngineError(f"the calibration run failed: {done.stderr.strip()[-300:]}")
+        after = client.steps()
+        run = json.loads(open(out).read())["runs"][0]
+    summary, requests = run["summary"], run["requests"]
+    wall = summary["duration_s"]
+    model = Profile({"meta": meta, "rows": [asdict(r) for r in rows]})
+    p_ms, p_steps, p_tokens = delta(before, after, "prefill")
+    d_ms, d_steps, d_batch = delta(before, after, "decode")
+    if not p_steps or not d_steps:
+        raise EngineError("the calibration run took no prefill or no decode step")
+    busy_p = (after["prefill"][0] - before["prefill"][0]) / wall
+    busy_d = (after["decode"][0] - before["decode"][0]) / wall
+    chunk = [(max(1, round(p_tokens)), 0)]
+    predicted_p = ((1 - busy_d) * model.prefill(chunk, p_share) + busy_d * model.prefill(chunk, p_share, True))
+    batch = max(1, round(d_batch))
+    ok = [r for r in requests if r.get("error") is None]
+    per_seq = sum(r["prompt_tokens"] + r["output_tokens"] / 2 for r in ok) / max(1, len(ok))
+    ctx = round(batch * per_seq)
+    predicted_d = ((1 - busy_p) * model.decode(batch, ctx, d_share) + busy_p * model.decode(batch, ctx, d_share, True))
+    engine_ttft = (after["ttft"][0] - before["ttft"][0]) / max(1.0, after["ttft"][1] - before["ttft"][1])
+    return {
+        "prefill_factor": round(p_ms / 1000 / predicted_p, 4),
+        # the client's token gap, not the step: it carries what the engine does between two decode steps too
+        "decode_factor": round(summary["itl_s"]["mean"] / predicted_d, 4),
+        "api_overhead_ms": round(max(0.0, summary["ttft_s"]["mean"] - engine_ttft) * 1000, 3),
+        "run": {"rate": rate, "requests": args.calibration_requests, "seed": args.calibration_seed,
+                "input_len": args.calibration_input_len, "output_len": args.calibration_output_len,
+                "prefill_sms": state["prefill_sms"], "mean_prefill_step_ms": round(p_ms, 3),
+                "mean_prefill_tokens": round(p_tokens, 1), "mean_decode_batch": round(d_batch, 2),
+                "client_itl_mean_ms": round(summary["itl_s"]["mean"] * 1000, 3),
+                "client_ttft_mean_ms": round(summary["ttft_s"]["mean"] * 1000, 3),
+                "engine_ttft_mean_ms": round(engine_ttft * 1000, 3), "prefill_busy": round(busy_p, 3),
+                "decode_busy": round(busy_d, 3)},
+    }
+
+
 def targets(client: EngineClient, splits: list[int] | None) -> list[Target]:
     if not splits:
         state = client.partition()
@@ -253,6 +325,16 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="prefill steps measured per size")
     p.add_argument("--no-concurrent", action="store_true", help="skip the rows with the other phase busy")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP request")
+    p.add_argument("--calibrate", action="store_true",
+                   help="then serve one Poisson run through semipd bench and store in meta['calibration'] how much "
+                        "slower each phase steps under real load than the rows predict, and the API's own overhead")
+    p.add_argument("--calibrate-at", type=int, help="prefill SMs of the calibration run (default: the last split)")
+    p.add_argument("--calibration-rates", type=lambda t: [float(x) for x in t.split(",")], default=[3.0, 6.0],
+                   help="requests/s of the calibration runs")
+    p.add_argument("--calibration-requests", type=int, default=150, help="requests per calibration run")
+    p.add_argument("--calibration-seed", type=int, default=1000, help="not a seed the profile is judged on")
+    p.add_argument("--calibration-input-len", default="lognormal:128:0.6:16:480")
+    p.add_argument("--calibration-output-len", default="uniform:16:64")
     p.add_argument("--json", help="write the profile here (sm_sweep's format)")
     return p.parse_args(argv)
 
@@ -281,6 +363,17 @@ def main(argv=None) -> int:
             "api_overhead_ms": round(statistics.median(measure.api_overhead_ms), 3) if measure.api_overhead_ms
             else None,
             "seconds": round(time.monotonic() - started, 1)}
+    if args.calibrate:
+        try:
+            if args.calibrate_at:
+                client.set_split(args.calibrate_at)
+            meta["calibration"] = calibrate(client, args.url, rows, meta, args)
+        except (EngineError, httpx.HTTPError) as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 1
+        cal = meta["calibration"]
+        print(f"calibration (serving runs at {args.calibration_rates} req/s): prefill x{cal['prefill_factor']:.2f}, "
+              f"decode x{cal['decode_factor']:.2f}, API overhead {cal['api_overhead_ms']:.1f} ms per request")
     print(f"{meta['device']}, model {client.model}, decode context ~{meta['context']} tokens")
     print(table(rows))
     write_json(args.json, {"meta": meta, "rows": [asdict(r) | {"slowdown": r.slowdown} for r in rows]})

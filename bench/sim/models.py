@@ -148,8 +148,11 @@ def kv_blocks_for(gpu: GPU, shape: ModelShape, block_size: int = 16, memory_frac
 class LatencyModel:
     """Seconds per step. `chunks`: (new tokens, tokens already in the KV cache before them) per prefill sequence;
     `batch`, `context`: decode sequences and their summed KV tokens; `share`: fraction of the SMs;
-    `other_busy`: the other phase is running a step at the same time (on the rest of the SMs)."""
+    `other_busy`: the other phase is running a step at the same time (on the rest of the SMs).
+    `api_overhead_s`: what a client sees beyond the engine's own TTFT and end-to-end latency (HTTP, tokenizing,
+    streaming); 0 for the roofline, measured for a calibrated profile."""
     name = "model"
+    api_overhead_s = 0.0
 
     def prefill(self, chunks: list[tuple[int, int]], share: float, other_busy: bool = False) -> float:
         raise NotImplementedError
@@ -272,7 +275,9 @@ class Profile(LatencyModel):
     (weights plus context*KV bytes, from `shape`). The "full" target (both phases on every SM) is kept as the
     whole-GPU point and gives the unified mixed step. Interpolation is linear over 1/SMs and over size, and
     extrapolates linearly (clamped at zero). Times of a profile timed over fewer layers than the model (the
-    synthetic "x1 layer(s)" workload) are scaled up by layers/profile layers."""
+    synthetic "x1 layer(s)" workload) are scaled up by layers/profile layers. A profile made by
+    bench/profile_engine.py may carry meta["calibration"] from a serving run: a factor per phase (the engine's
+    mean step under real load over what the rows predict for it) and the API's own overhead per request."""
 
     def __init__(self, data: dict, shape: ModelShape | None = None, source: str = "profile"):
         rows = data.get("rows")
@@ -315,6 +320,10 @@ class Profile(LatencyModel):
                 raise ValueError(f"{source}: no {phase} rows with alone_ms")
         self.surfaces = {k: _Surface(v) for k, v in pts.items() if v}
         self.full = full
+        cal = meta.get("calibration") or {}
+        self.factors = {"prefill": float(cal.get("prefill_factor") or 1.0),
+                        "decode": float(cal.get("decode_factor") or 1.0)}
+        self.api_overhead_s = float(cal.get("api_overhead_ms") or 0.0) / 1000.0
 
     @classmethod
     def load(cls, path: str | Path, shape: ModelShape | None = None) -> "Profile":
@@ -346,7 +355,7 @@ class Profile(LatencyModel):
         if tokens <= 0:
             return 0.0
         ms = self._surface("prefill", other_busy).at(share * self.total_sms, tokens, None)
-        return max(ms, 0.0) * self.scale / 1000.0
+        return max(ms, 0.0) * self.scale * self.factors["prefill"] / 1000.0
 
     def decode(self, batch, context, share, other_busy=False):
         if batch <= 0:
@@ -356,7 +365,7 @@ class Profile(LatencyModel):
         ms = surface.at(share * self.total_sms, batch, per_seq)
         if len(surface.contexts) == 1:
             ms *= self._context_factor(per_seq)
-        return max(ms, 0.0) * self.scale / 1000.0
+        return max(ms, 0.0) * self.scale * self.factors["decode"] / 1000.0
 
     def mixed(self, chunks, batch, context):
         # no profile row times a mixed batch: a prefill of the chunk's tokens plus the decode batch's tokens on the

@@ -352,8 +352,9 @@ class Pod:
         if r.out > 1:
             self.metrics.tpot((now - r.first) / (r.out - 1))
         self.metrics.finished(e2e)
-        self.results.append(RequestResult(r.index, r.arrival, r.arrival, r.prompt, r.out, r.first - r.arrival, e2e,
-                                          r.itl if r.itl is not None else []))
+        seen = self.model.api_overhead_s       # the client sees the engine's latencies this much later
+        self.results.append(RequestResult(r.index, r.arrival, r.arrival, r.prompt, r.out, r.first - r.arrival + seen,
+                                          e2e + seen, r.itl if r.itl is not None else []))
         if r.on_done is not None:
             r.on_done(self, r)
         if self.outstanding == 0 and self.on_idle is not None:
