@@ -1,7 +1,8 @@
 """The replica count, decided jointly with the splits and on a slower clock.
 
-Scale out when some pod finds no split that meets every target at the predicted load, by as many pods as that
-load needs (from the fitted capacity of a pod; without one, in proportion to how far the latencies are over,
+Scale out when some pod finds no split that meets every target at the predicted load, or a pod's latency is at
+twice a target or more (the split walking to its bound one cooled-down step at a time would come too late: the
+simulator saw a fleet stay `Steady` while the load quadrupled), by as many pods as that load needs (from the fitted capacity of a pod; without one, in proportion to how far the latencies are over,
 at most doubling, as AIBrix and Knative cap a step), never again while new pods are still starting. Scale in only
 when fewer pods would do for a whole stabilisation window (the largest count wanted in that window wins, as with
 the HPA), down to the minimum; zero traffic counts as low load, not as missing metrics."""
@@ -12,6 +13,7 @@ from semipd.policy.state import RECOMMENDATION_LIMIT, PolicyState
 from semipd.policy.types import PolicyConfig, ReplicaBounds, ReplicaDecision
 
 MAX_GROWTH = 2.0    # without a capacity estimate, one scale-out at most doubles the pods
+OVERLOAD = 2.0      # a latency at twice its target is past what moving SMs one step at a time fixes in time
 
 
 def _clamp(n: int, bounds: ReplicaBounds) -> int:
@@ -30,7 +32,11 @@ def wanted(assessments: list[Assessment], current: int, bounds: ReplicaBounds) -
     load = sum(a.load for a in valid)
     capacity = _capacity(valid)
     per_pod = None if capacity is None else capacity * bounds.target_utilization
-    if any(a.feasible is False for a in valid):
+    infeasible = any(a.feasible is False for a in valid)
+    overloaded = [a for a in valid if a.traffic and a.pressure >= OVERLOAD]
+    if infeasible or overloaded:
+        reason, what = (("NoSplitMeetsSLO", "no split meets the targets on some pod") if infeasible else
+                        ("Overloaded", f"{len(overloaded)} pod(s) at {OVERLOAD:g}x a target or more"))
         if per_pod:
             need = math.ceil(load / per_pod)
             why = f"{load:.0f} prompt tok/s at {per_pod:.0f} per pod"
@@ -38,7 +44,7 @@ def wanted(assessments: list[Assessment], current: int, bounds: ReplicaBounds) -
             pressure = max(a.pressure for a in valid)
             need = math.ceil(current * min(MAX_GROWTH, max(pressure, 1.0)))
             why = f"latency at {pressure:.1f}x its target, no capacity model yet"
-        return max(need, current + 1), "NoSplitMeetsSLO", f"no split meets the targets on some pod: {why}"
+        return max(need, current + 1), reason, f"{what}: {why}"
     if not any(a.traffic for a in valid) and len(valid) == len(assessments):
         return bounds.min, "NoTraffic", "no requests on any pod"
     if len(valid) < len(assessments):

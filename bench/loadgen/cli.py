@@ -18,100 +18,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from semipd.loadgen import report
-from semipd.loadgen.workload import LengthDist, Workload, parse_length, read_jsonl
-
-MAX_SWEEP_RATES = 1000
-
-
-# --- argument types: each raises ArgumentTypeError, which argparse reports naming the flag, exit 2 --------------
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number (got {text})")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
-    return v
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], e.g. 0.9 (got {text})")
-    return v
-
-
-def _temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v <= 2:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2] (got {text})")
-    return v
-
-
-def _length(text: str) -> LengthDist:
-    try:
-        return parse_length(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _url(text: str) -> str:
-    from semipd.loadgen.client import normalize_url
-    try:
-        return normalize_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def parse_sweep(text: str) -> list[float]:
-    """`A:B:STEP` -> [A, A+STEP, ..., B] (B included when the steps land on it, to 1e-9)."""
-    parts = text.split(":")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"use START:STOP:STEP, e.g. 1:8:0.5 (got {text!r})")
-    try:
-        a, b, step = (float(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"START, STOP and STEP must be numbers (got {text!r})") from None
-    if not (a > 0 and b >= a and step > 0) or any(map(lambda v: v == float("inf"), (a, b, step))):
-        raise argparse.ArgumentTypeError(f"need 0 < START <= STOP and STEP > 0 (got {text!r})")
-    n = int((b - a) / step + 1e-9) + 1
-    if n > MAX_SWEEP_RATES:
-        raise argparse.ArgumentTypeError(f"{n} rates; at most {MAX_SWEEP_RATES} in one sweep")
-    return [round(a + i * step, 9) for i in range(n)]
-
+from semipd.loadgen.args import (fraction, length, nonnegative_int, parse_sweep, positive_float, positive_int,
+                                  temperature, url)
+from semipd.loadgen.workload import Workload, read_jsonl
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semipd bench", description=__doc__,
                                 formatter_class=type("F", (argparse.ArgumentDefaultsHelpFormatter,
                                                            argparse.RawDescriptionHelpFormatter), {}))
-    p.add_argument("--url", type=_url, required=True,
+    p.add_argument("--url", type=url, required=True,
                    help="the server's base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                    help="POST /v1/completions or /v1/chat/completions")
@@ -120,35 +35,35 @@ def _parser() -> argparse.ArgumentParser:
                    help="bearer token (default: $OPENAI_API_KEY if set); never printed or written")
     load = p.add_argument_group("load")
     rate = load.add_mutually_exclusive_group(required=True)
-    rate.add_argument("--rate", type=_positive_float, help="requests per second")
+    rate.add_argument("--rate", type=positive_float, help="requests per second")
     rate.add_argument("--rate-sweep", type=parse_sweep, metavar="START:STOP:STEP",
                       help="run each rate in turn (STOP included), e.g. 1:8:1")
     size = load.add_mutually_exclusive_group()
-    size.add_argument("--num-requests", type=_positive_int, help="requests per rate (default 100 unless --duration)")
-    size.add_argument("--duration", type=_positive_float, help="seconds of arrivals per rate")
-    load.add_argument("--burstiness", type=_positive_float, default=1.0,
+    size.add_argument("--num-requests", type=positive_int, help="requests per rate (default 100 unless --duration)")
+    size.add_argument("--duration", type=positive_float, help="seconds of arrivals per rate")
+    load.add_argument("--burstiness", type=positive_float, default=1.0,
                       help="gamma shape of the gaps between arrivals: 1 = Poisson, < 1 burstier, > 1 more regular")
-    load.add_argument("--input-len", type=_length, default="128",
+    load.add_argument("--input-len", type=length, default="128",
                       help="prompt tokens: N, fixed:N, uniform:LOW:HIGH or lognormal:MEDIAN[:SIGMA[:LOW:HIGH]]")
-    load.add_argument("--output-len", type=_length, default="64",
+    load.add_argument("--output-len", type=length, default="64",
                       help="output tokens (sent as max_tokens with ignore_eos), same forms as --input-len")
     load.add_argument("--dataset", metavar="FILE.jsonl",
                       help='JSONL of lengths {"input_tokens": N, "output_tokens": M} or of prompts {"prompt": "...", '
                            '"output_tokens": M}; what it gives replaces --input-len/--output-len')
     load.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and prompt words")
-    load.add_argument("--max-concurrency", type=_positive_int,
+    load.add_argument("--max-concurrency", type=positive_int,
                       help="at most this many requests in flight (default: no cap, pure open loop)")
-    load.add_argument("--warmup", type=_nonnegative_int, default=0,
+    load.add_argument("--warmup", type=nonnegative_int, default=0,
                       help="requests sent one by one before the run, not counted")
     req = p.add_argument_group("requests")
-    req.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request before it fails")
-    req.add_argument("--temperature", type=_temperature, default=0.0)
+    req.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per request before it fails")
+    req.add_argument("--temperature", type=temperature, default=0.0)
     req.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                      help="do not send ignore_eos (a vLLM extension) so outputs may end early")
     slo = p.add_argument_group("SLOs")
-    slo.add_argument("--slo-ttft", type=_positive_float, metavar="SECONDS", help="TTFT target")
-    slo.add_argument("--slo-tpot", type=_positive_float, metavar="SECONDS", help="TPOT target")
-    slo.add_argument("--goal", type=_fraction, default=0.9,
+    slo.add_argument("--slo-ttft", type=positive_float, metavar="SECONDS", help="TTFT target")
+    slo.add_argument("--slo-tpot", type=positive_float, metavar="SECONDS", help="TPOT target")
+    slo.add_argument("--goal", type=fraction, default=0.9,
                      help="attainment target a sweep's highest rate is read at")
     out = p.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.json", help="write the result document (docs/bench.md)")

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from semipd.loadgen import report
-from semipd.loadgen.cli import (_fraction, _length, _positive_float, _positive_int, format_run, format_sweep,
-                                parse_sweep)
+from semipd.loadgen.args import fraction, length, parse_sweep, positive_float, positive_int
+from semipd.loadgen.cli import format_run, format_sweep
 from semipd.loadgen.workload import Workload, parse_length, read_jsonl
 
 BANNER = "SIMULATED: figures from a model of the GPU and the engine, not a measurement"
@@ -42,12 +42,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", metavar="FILE.json", help="step-time profile in bench/sm_sweep.py's JSON format")
     g.add_argument("--model-config", default="llama-3-8b",
                    help="model shapes: a preset (llama-3-8b, llama-3-70b, qwen3-8b) or a HF config.json")
-    g.add_argument("--max-num-seqs", type=_positive_int, default=512, help="decode batch limit per pod")
-    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+    g.add_argument("--max-num-seqs", type=positive_int, default=512, help="decode batch limit per pod")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                    help="prefill token budget per step (unified: prefill + decode tokens per step)")
-    g.add_argument("--num-kv-blocks", type=_positive_int,
+    g.add_argument("--num-kv-blocks", type=positive_int,
                    help="KV blocks of 16 tokens per pod (default: what fits in the GPU's memory beside the weights)")
-    g.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
+    g.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,15 +55,15 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     load = p.add_argument_group("load (the same workload description as semipd bench)")
     rate = load.add_mutually_exclusive_group(required=True)
-    rate.add_argument("--rate", type=_positive_float, help="requests per second")
+    rate.add_argument("--rate", type=positive_float, help="requests per second")
     rate.add_argument("--rate-sweep", type=parse_sweep, metavar="START:STOP:STEP", help="rates to sweep")
     size = load.add_mutually_exclusive_group()
-    size.add_argument("--num-requests", type=_positive_int, help="requests per rate (default 1000 unless --duration)")
-    size.add_argument("--duration", type=_positive_float, help="seconds of arrivals per rate")
-    load.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
-    load.add_argument("--input-len", type=_length, default=parse_length("lognormal:150:1.0:4:4096"),
+    size.add_argument("--num-requests", type=positive_int, help="requests per rate (default 1000 unless --duration)")
+    size.add_argument("--duration", type=positive_float, help="seconds of arrivals per rate")
+    load.add_argument("--burstiness", type=positive_float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    load.add_argument("--input-len", type=length, default=parse_length("lognormal:150:1.0:4:4096"),
                       help="prompt tokens: N, uniform:LOW:HIGH or lognormal:MEDIAN[:SIGMA[:LOW:HIGH]]")
-    load.add_argument("--output-len", type=_length, default=parse_length("lognormal:120:0.9:2:2048"),
+    load.add_argument("--output-len", type=length, default=parse_length("lognormal:120:0.9:2:2048"),
                       help="output tokens, same forms")
     load.add_argument("--dataset", metavar="FILE.jsonl", help="JSONL of lengths (input_tokens, output_tokens)")
     load.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths")
@@ -76,11 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="inprocess: the engine's own SLO loop on exact measurements; operator: Prometheus-scraped "
                           "histograms, windowed and delayed")
     ctl.add_argument("--split", type=_split, default=0.5, help="start-up split: prefill=0.5 or prefill=64")
-    ctl.add_argument("--pods", type=_positive_int, default=1, help="pods behind a least-loaded router")
+    ctl.add_argument("--pods", type=positive_int, default=1, help="pods behind a least-loaded router")
     slo = p.add_argument_group("SLOs")
-    slo.add_argument("--slo-ttft", type=_positive_float, metavar="SECONDS", help="TTFT target")
-    slo.add_argument("--slo-tpot", type=_positive_float, metavar="SECONDS", help="TPOT target")
-    slo.add_argument("--goal", type=_fraction, default=0.9, help="attainment the highest-rate figure is read at")
+    slo.add_argument("--slo-ttft", type=positive_float, metavar="SECONDS", help="TTFT target")
+    slo.add_argument("--slo-tpot", type=positive_float, metavar="SECONDS", help="TPOT target")
+    slo.add_argument("--goal", type=fraction, default=0.9, help="attainment the highest-rate figure is read at")
     out = p.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.json", help="write the result document (semipd bench's format)")
     out.add_argument("--csv", metavar="FILE.csv", help="one row per request")

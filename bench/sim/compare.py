@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from semipd.loadgen import report
@@ -104,24 +103,24 @@ def fleet(out: Path, args, progress) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from semipd.loadgen.cli import _positive_float, _positive_int, parse_sweep
+    from semipd.loadgen.args import parse_sweep, positive_float, positive_int
     p = argparse.ArgumentParser(prog="semipd simulate compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="docs/sim-results", help="folder for the JSON, PNG and tables")
     p.add_argument("--only", choices=("sweep", "fleet"), help="one of the two comparisons")
     p.add_argument("--gpus", default="h100,h200", help="comma-separated: h100, h200")
     p.add_argument("--rate-sweep", type=parse_sweep, default=parse_sweep("30:90:10"), metavar="START:STOP:STEP")
-    p.add_argument("--duration", type=_positive_float, default=120.0, help="seconds of arrivals per rate")
+    p.add_argument("--duration", type=positive_float, default=120.0, help="seconds of arrivals per rate")
     p.add_argument("--input-len", default="lognormal:150:1.0:4:4096", help="ShareGPT-like prompts (mean ~250)")
     p.add_argument("--output-len", default="lognormal:120:0.9:2:2048", help="ShareGPT-like outputs (mean ~180)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=512, help="semi-PD's evaluation used 512")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
-    p.add_argument("--fleet-rate", type=_positive_float, default=150.0, help="mean req/s of the day")
-    p.add_argument("--fleet-day", type=_positive_float, default=900.0, help="simulated seconds standing for 24 h")
-    p.add_argument("--startup", type=_positive_float, default=90.0, help="pod start-up seconds")
+    p.add_argument("--max-num-seqs", type=positive_int, default=512, help="semi-PD's evaluation used 512")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    p.add_argument("--fleet-rate", type=positive_float, default=150.0, help="mean req/s of the day")
+    p.add_argument("--fleet-day", type=positive_float, default=900.0, help="simulated seconds standing for 24 h")
+    p.add_argument("--startup", type=positive_float, default=90.0, help="pod start-up seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo-ttft", type=_positive_float, default=0.3, help="semi-PD Table 2, Llama3-8B ShareGPT tight")
-    p.add_argument("--slo-tpot", type=_positive_float, default=0.15, help="semi-PD Table 2, Llama3-8B ShareGPT tight")
+    p.add_argument("--slo-ttft", type=positive_float, default=0.3, help="semi-PD Table 2, Llama3-8B ShareGPT tight")
+    p.add_argument("--slo-tpot", type=positive_float, default=0.15, help="semi-PD Table 2, Llama3-8B ShareGPT tight")
     p.add_argument("--tag", default="", help="suffix of the sweep's file names (another SLO set)")
     args = p.parse_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]

@@ -26,7 +26,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from semipd.loadgen import report
 from semipd.loadgen.report import SLO, RequestResult, summarize
 from semipd.policy import ReplicaBounds
 from semipd.sim.control import OperatorPolicy, operator_config
@@ -285,31 +284,31 @@ def pod_capacity(model, cfg, slo: SLO, trace, split: float = 0.5, rates=None, se
 
 
 def _parser() -> argparse.ArgumentParser:
-    from semipd.loadgen.cli import _fraction, _positive_float, _positive_int
+    from semipd.loadgen.args import fraction, positive_float, positive_int
     from semipd.sim.cli import BANNER, _split, add_model_args
     p = argparse.ArgumentParser(prog="semipd simulate fleet", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Autoscalers compared on one generated bursty diurnal day (BurstGPT-like "
                                             "statistics, time-compressed). " + BANNER)
     add_model_args(p)
     t = p.add_argument_group("the day")
-    t.add_argument("--mean-rate", type=_positive_float, default=150.0, help="requests/s averaged over the day")
-    t.add_argument("--day", type=_positive_float, default=1800.0, help="simulated seconds standing for 24 h")
+    t.add_argument("--mean-rate", type=positive_float, default=150.0, help="requests/s averaged over the day")
+    t.add_argument("--day", type=positive_float, default=1800.0, help="simulated seconds standing for 24 h")
     t.add_argument("--amplitude", type=float, default=0.6, help="diurnal swing: peak = mean * (1 + amplitude)")
-    t.add_argument("--burstiness", type=_positive_float, default=0.5, help="gamma shape of the gaps (< 1 bursty)")
+    t.add_argument("--burstiness", type=positive_float, default=0.5, help="gamma shape of the gaps (< 1 bursty)")
     t.add_argument("--seed", type=int, default=0)
     f = p.add_argument_group("the fleet")
     f.add_argument("--autoscaler", action="append", choices=AUTOSCALERS,
                    help="repeat to compare several (default: all three)")
-    f.add_argument("--max-pods", type=_positive_int, default=50)
-    f.add_argument("--startup", type=_positive_float, default=90.0, help="seconds a new pod takes to load the model")
+    f.add_argument("--max-pods", type=positive_int, default=50)
+    f.add_argument("--startup", type=positive_float, default=90.0, help="seconds a new pod takes to load the model")
     f.add_argument("--split", type=_split, default=0.5, help="start-up split (static for dynamo and keda)")
-    f.add_argument("--pod-capacity", type=_positive_float,
+    f.add_argument("--pod-capacity", type=positive_float,
                    help="req/s per pod for the dynamo-like planner (default: profiled by a one-pod sweep)")
-    f.add_argument("--keda-target", type=_positive_float, default=5.0, help="waiting requests per pod")
+    f.add_argument("--keda-target", type=positive_float, default=5.0, help="waiting requests per pod")
     s = p.add_argument_group("SLOs")
-    s.add_argument("--slo-ttft", type=_positive_float, default=0.3, metavar="SECONDS")
-    s.add_argument("--slo-tpot", type=_positive_float, default=0.15, metavar="SECONDS")
-    s.add_argument("--goal", type=_fraction, default=0.9)
+    s.add_argument("--slo-ttft", type=positive_float, default=0.3, metavar="SECONDS")
+    s.add_argument("--slo-tpot", type=positive_float, default=0.15, metavar="SECONDS")
+    s.add_argument("--goal", type=fraction, default=0.9)
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.json", help="the summary per autoscaler and the pod timelines")
     o.add_argument("--plot", metavar="FILE.png", help="pods over time per autoscaler, with the arrival rate")

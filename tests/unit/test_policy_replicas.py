@@ -33,6 +33,24 @@ def test_with_a_capacity_estimate_scale_out_goes_straight_to_what_the_load_needs
     assert wanted(a, current=2, bounds=BOUNDS)[0] == 3          # 3000 tok/s at 1000 per pod
 
 
+def test_a_pod_far_over_its_target_scales_out_before_its_split_reaches_a_bound():
+    # the split could still step (feasible unknown), but at 3x the target one cooled-down step at a time comes
+    # too late: scale out now, in proportion (the simulator's fleet stayed Steady while the load quadrupled)
+    far = Assessment(valid=True, traffic=True, load=1000, pressure=3.0)
+    need, reason, message = wanted([far, Assessment(valid=True, traffic=True, load=200, pressure=0.5)], current=2,
+                                   bounds=BOUNDS)
+    assert (need, reason) == (4, "Overloaded") and "1 pod(s) at 2x a target" in message
+    near = Assessment(valid=True, traffic=True, load=1000, pressure=1.5)       # over, but a split step may do
+    assert wanted([near], current=2, bounds=BOUNDS)[1] == "Steady"
+
+
+def test_through_decide_a_far_miss_scales_out_while_the_split_also_moves():
+    state = PolicyState()
+    d = decide([obs("a", ttft=1.6), obs("b", ttft=1.6)], CFG, state, 100.0, 2, 2)
+    assert d.splits["a"].changed and d.splits["a"].reason == "TTFTAboveTarget"
+    assert d.replicas.changed and d.replicas.reason == "Overloaded" and d.replicas.target == 4
+
+
 def test_capacity_need_is_never_less_than_one_more_pod():
     a = [Assessment(valid=True, traffic=True, load=100, feasible=False, capacity=10_000)]
     assert wanted(a, current=3, bounds=BOUNDS)[0] == 4
