@@ -64,22 +64,34 @@ def run_cpu(args) -> int:
     for mode in args.modes:
         flags = MODES[mode] + ENGINE + ["--sm-split", f"prefill={args.split}"]
         if mode == "slo":
-            flags += ["--slo-ttft-ms", str(args.slo_ttft * 1000), "--slo-tpot-ms", str(args.slo_tpot * 1000)]
-        proc, url, cmd = start_server(model_dir(), 64, flags, out / f"serve-{mode}.log")
+            flags += ["--slo-ttft-ms", str(args.slo_ttft * 1000), "--slo-tpot-ms", str(args.slo_tpot * 1000),
+                      "--log-level", "info"]          # its split moves are logged at info
+        log_path = out / f"serve-{mode}.log"
+        proc, url, cmd = start_server(model_dir(), 64, flags, log_path)
         try:
             path = out / f"cpu-{mode}.json"
             semipd("bench", "--url", url, "--label", f"CPU engine, {mode}",
                    *workload_flags(args, ["--rate-sweep", args.rate_sweep, "--duration", str(args.duration)]),
                    "--output", str(path))
-            doc = json.loads(path.read_text())
-            doc["engine_command"] = " ".join(cmd[2:])
-            path.write_text(json.dumps(doc, indent=1) + "\n")
-            docs.append((mode, doc))
         finally:
             stop_server(proc)
+        doc = json.loads(path.read_text())
+        doc["engine_command"] = " ".join(cmd[2:])
+        doc["split_moves"] = split_moves(log_path)
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        docs.append((mode, doc))
     semipd("bench", "plot", *[str(out / f"cpu-{m}.json") for m, _ in docs], "--output", str(out / "cpu-modes.png"))
     print(cpu_table(docs))
     return 0
+
+
+def split_moves(log_path: Path) -> list[str]:
+    """The in-engine policy's split changes, from its log ("SLO policy: prefill share A -> B ...: Reason: ...")."""
+    moves = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "SLO policy: prefill share" in line:
+            moves.append(line.split("SLO policy: ", 1)[1][:200])
+    return moves
 
 
 def cpu_table(docs) -> str:
@@ -94,6 +106,7 @@ def cpu_table(docs) -> str:
                                              f"{ms(s['tpot_s']['p90'])}")
         body.append(row)
     body.append(["rate @ goal"] + [f"{d['max_rate_at_goal']}" for _, d in docs])
+    body.append(["split moves"] + [f"{len(d.get('split_moves', []))}" for _, d in docs])
     return format_table(["req/s"] + [f"{m}: attain / TTFT p90 / TPOT p90 ms" for m, _ in docs], body)
 
 

@@ -27,7 +27,9 @@ def test_a_profile_of_two_splits_has_every_row_in_sm_sweeps_format(start_server,
     server = start_server("--partition-backend", "cpu", "--emulate-sm-share", env={"SEMIPD_ADMIN_TOKEN": TOKEN})
     out = tmp_path / "profile.json"
     done = profile(server, "--splits", "32,96", "--tokens", "16,64", "--batches", "1,4", "--decode-tokens", "24", "--context", "16",
-                   "--repeats", "2", "--partner-tokens", "64", "--partner-batch", "2", "--json", str(out))
+                   "--repeats", "2", "--partner-tokens", "64", "--partner-batch", "2", "--calibrate",
+                   "--calibrate-at", "64", "--calibration-rates", "8", "--calibration-requests", "12",
+                   "--calibration-input-len", "32", "--calibration-output-len", "8", "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads(out.read_text())
     fields = {f.name for f in dataclasses.fields(Row)} | {"slowdown"}
@@ -39,9 +41,17 @@ def test_a_profile_of_two_splits_has_every_row_in_sm_sweeps_format(start_server,
     assert all(r["alone_ms"] > 0 for r in doc["rows"])
     assert doc["meta"]["api_overhead_ms"] is not None
     assert all(r["context"] == 16 + 12 for r in doc["rows"] if r["phase"] == "decode")   # prompt + half the output
-    # the last split profiled is the one the engine runs now
+    # the serving run that calibrates the rows ran at the split asked for, through semipd bench
+    cal = doc["meta"]["calibration"]
+    assert cal["prefill_factor"] > 0 and cal["decode_factor"] > 0 and cal["api_overhead_ms"] >= 0
+    assert [(r["run"]["prefill_sms"], r["run"]["requests"]) for r in cal["runs"]] == [(64, 12)]
     state = httpx.get(server.url + "/admin/partition", headers={"Authorization": f"Bearer {TOKEN}"}).json()
-    assert state["prefill_sms"] == 96
+    assert state["prefill_sms"] == 64
+    # and the simulator reads the file, calibration included
+    from semipd.sim.models import Profile
+    model = Profile.load(out)
+    assert model.factors == {"prefill": cal["prefill_factor"], "decode": cal["decode_factor"]}
+    assert model.api_overhead_s == pytest.approx(cal["api_overhead_ms"] / 1000)
 
 
 def test_an_engine_whose_split_has_another_owner_is_refused_clearly(start_server):
