@@ -7,55 +7,35 @@ from semipd.loadgen.workload import LengthDist, parse_length
 MAX_SWEEP_RATES = 1000
 
 
+def _number(text: str, kind, ok, rule: str):
+    """`kind(text)` when `ok` holds for it; otherwise the ArgumentTypeError argparse turns into a usage error."""
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+    return v
+
 
 def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number (got {text})")
-    return v
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive finite number")
 
 
 def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
-    return v
+    return _number(text, int, lambda v: v >= 1, ">= 1")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
-    return v
+    return _number(text, int, lambda v: v >= 0, ">= 0")
 
 
 def fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], e.g. 0.9 (got {text})")
-    return v
+    return _number(text, float, lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.9")
 
 
 def temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v <= 2:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2] (got {text})")
-    return v
+    return _number(text, float, lambda v: 0 <= v <= 2, "in [0, 2]")
 
 
 def length(text: str) -> LengthDist:
