@@ -1,12 +1,13 @@
 """Side-by-side runs of the real engine, driven by `semipd bench` exactly as a user would drive it.
 
-    python bench/compare.py cpu --out results/        # unified vs static split vs SLO policy, one rate sweep each
+    python bench/compare.py modes --out results/      # unified vs static split vs SLO policy, one rate sweep each
+    python bench/compare.py modes --device cuda ...   # the same on a GPU, green contexts instead of the stand-in
     python bench/compare.py fidelity --out results/   # the simulator, calibrated here, against the real engine
 
-`cpu`: the engine on this CPU in three modes over the same Poisson rate sweep and the same trace:
+`modes` (alias `cpu`): the engine in three modes over the same Poisson rate sweep and the same trace:
   unified  --partition-backend shared: both phases on the whole machine (the unified baseline)
-  static   --partition-backend cpu --emulate-sm-share, a fixed split (--partition-policy static)
-  slo      the same stand-in, the split moved by the in-engine SLO policy (--partition-policy slo)
+  static   a fixed split (--partition-policy static): on CPU the --emulate-sm-share stand-in, on CUDA green contexts
+  slo      the same, the split moved by the in-engine SLO policy (--partition-policy slo)
 A CPU has no SM isolation: the two workers share the cores whatever the split, and --emulate-sm-share is a named
 stand-in that stretches each step to what its share would cost. So this proves the machinery (the same flags,
 the same policy, the split moving under load), not the gain; the gain needs a GPU (docs/simulate.md predicts it,
@@ -32,12 +33,23 @@ sys.path.insert(0, str(BENCH))
 from bench_engine import start_server, stop_server  # noqa: E402
 from gpu_common import format_table  # noqa: E402
 
+# bench_engine.start_server starts a CPU float32 engine with a 1 GiB pool; on CUDA these flags come after and win
+# (a pool of 1 would be every free byte there)
+CUDA = ["--device", "cuda", "--dtype", "bfloat16", "--kv-cache-memory", "0.3"]
+SPLIT = {"cpu": ["--partition-backend", "cpu", "--emulate-sm-share"],       # the named stand-in
+         "cuda": CUDA + ["--partition-backend", "greenctx"]}
 MODES = {
     "unified": ["--partition-backend", "shared"],
-    "static": ["--partition-backend", "cpu", "--emulate-sm-share", "--partition-policy", "static"],
-    "slo": ["--partition-backend", "cpu", "--emulate-sm-share", "--partition-policy", "slo",
-            "--policy-interval", "2", "--policy-window", "10", "--partition-cooldown", "4"],
+    "static": ["--partition-policy", "static"],
+    "slo": ["--partition-policy", "slo", "--policy-interval", "2", "--policy-window", "10",
+            "--partition-cooldown", "4"],
 }
+
+
+def mode_flags(mode: str, device: str) -> list[str]:
+    if mode == "unified":
+        return (CUDA if device == "cuda" else []) + MODES[mode]
+    return SPLIT[device] + MODES[mode]
 ENGINE = ["--max-num-seqs", "64", "--max-num-batched-tokens", "512", "--max-model-len", "1024"]
 
 
@@ -57,12 +69,12 @@ def model_dir() -> Path:
     return default_model_dir()
 
 
-def run_cpu(args) -> int:
+def run_modes(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     docs = []
     for mode in args.modes:
-        flags = MODES[mode] + ENGINE + ["--sm-split", f"prefill={args.split}"]
+        flags = mode_flags(mode, args.device) + ENGINE + ["--sm-split", f"prefill={args.split}"]
         if mode == "slo":
             flags += ["--slo-ttft-ms", str(args.slo_ttft * 1000), "--slo-tpot-ms", str(args.slo_tpot * 1000),
                       "--log-level", "info"]          # its split moves are logged at info
@@ -70,7 +82,7 @@ def run_cpu(args) -> int:
         proc, url, cmd = start_server(model_dir(), 64, flags, log_path)
         try:
             path = out / f"cpu-{mode}.json"
-            semipd("bench", "--url", url, "--label", f"CPU engine, {mode}",
+            semipd("bench", "--url", url, "--label", f"{args.device.upper()} engine, {mode}",
                    *workload_flags(args, ["--rate-sweep", args.rate_sweep, "--duration", str(args.duration)]),
                    "--output", str(path))
         finally:
@@ -181,8 +193,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("cpu", "fidelity"):
-        s = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name in ("modes", "fidelity"):
+        s = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           aliases=["cpu"] if name == "modes" else [])
         s.add_argument("--out", default="bench-results", help="folder for JSON, PNG and server logs")
         s.add_argument("--input-len", default="lognormal:128:0.6:16:480")
         s.add_argument("--output-len", default="uniform:16:64")
@@ -190,7 +203,9 @@ def parse_args(argv):
         s.add_argument("--slo-tpot", type=float, default=0.06, help="seconds")
         s.add_argument("--split", type=int, default=64, help="prefill SMs of the static split (of 132)")
         s.add_argument("--seed", type=int, default=0)
-    cpu, fid = sub.choices["cpu"], sub.choices["fidelity"]
+    cpu, fid = sub.choices["modes"], sub.choices["fidelity"]
+    cpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="cuda: green-context splits (no stand-in), bfloat16")
     cpu.add_argument("--rate-sweep", default="2:12:2")
     cpu.add_argument("--duration", type=float, default=30.0, help="seconds per rate")
     cpu.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -207,7 +222,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     started = time.monotonic()
-    code = run_cpu(args) if args.what == "cpu" else run_fidelity(args)
+    code = run_modes(args) if args.what in ("modes", "cpu") else run_fidelity(args)
     print(f"compare {args.what}: {time.monotonic() - started:.0f} s")
     return code
 

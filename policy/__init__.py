@@ -1,5 +1,7 @@
 """semipd policy: SLO observations in, SM splits and replica counts (with reasons) out. No torch, no Kubernetes,
 no HTTP: the engine (`--partition-policy slo`), the operator and the simulator all call `decide`."""
+from dataclasses import replace
+
 from semipd.policy.replicas import decide_replicas
 from semipd.policy.split import Models, decide_split, fitted
 from semipd.policy.state import PodState, PolicyState
@@ -23,7 +25,7 @@ def decide(observations: list[Observation], config: PolicyConfig, state: PolicyS
     for obs in observations:
         split, assessment = decide_split(obs, config, state.pod(obs.pod), now, pooled)
         decision.splits[obs.pod] = split
-        assessments.append(assessment)
+        assessments.append(replace(assessment, served=obs.prompt_throughput, saturated=obs.waiting >= 1))
     if config.replicas is not None:
         decision.replicas = decide_replicas(assessments, config, state, now, current_replicas, ready_replicas)
     return decision

@@ -33,6 +33,8 @@ class Assessment:
     capacity: float | None = None   # prompt tokens/s one pod can take within the targets (model estimate)
     pressure: float = 0.0       # the worst observed latency / target
     margin_ok: bool = False     # every observed latency is well under its target
+    served: float = 0.0         # prompt tokens/s it prefilled in the window
+    saturated: bool = False     # requests were waiting: what it served is what it can serve now
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Stages (each in its own process group with its own time cap, so a failure or a h
   sweep    e) bench/sm_sweep.py: prefill and decode latency against SM count, alone and concurrent
   switch   f) bench/switch_latency.py: split switches through the engine under load (goal p99 < 1 ms, 0 failed)
   engine   g) throughput/TTFT/TPOT against transformers generate, decode step time against the roofline
-  compare  h) `semipd bench compare`, when that command exists
+  compare  h) bench/compare.py modes: the engine unified / static split / SLO policy through semipd bench
 
 $OUT gets suite.json (every stage's status and result, rewritten after each stage), suite.log (every stage's
 output), and the scripts' own JSON: kernels.json, sm_profile.json (sm_sweep's format, the profile a later
@@ -64,7 +64,7 @@ STAGES = [
     Stage("sweep", "e) SM sweep profile", 120, 30),
     Stage("switch", "f) split switch latency under load", 90, 20),
     Stage("engine", "g) throughput vs transformers, decode roofline", 150, 40),
-    Stage("compare", "h) semipd bench compare", 60, 20),
+    Stage("compare", "h) bench/compare.py modes: unified, static, slo through semipd bench", 150, 40),
 ]
 
 
@@ -269,14 +269,20 @@ class Suite:
             data["goal_met"] = at64[0]["vs_roofline"] <= 1.3
 
     def stage_compare(self, rec, cap):
-        helped = subprocess.run([PY, "-m", "semipd.runtime.cli", "--help"], cwd=ROOT, env=self.env,
-                                capture_output=True, text=True, timeout=min(cap, 60))
-        if not re.search(r"\bbench\b", helped.stdout):
-            rec["reason"] = "not available: semipd has no `bench compare` command yet (issue 11 builds it)"
-            return
-        argv = [PY, "-m", "semipd.runtime.cli", "bench", "compare", *self.args.compare_arg]
+        """The engine in its three modes (unified shared streams, a static green-context split, the in-engine
+        SLO policy) over one rate sweep through `semipd bench`: bench/compare.py modes, the CPU comparison's
+        command with green contexts instead of the stand-in. The dry run takes one short rate of two modes."""
+        out = Path(tempfile.gettempdir()) / "semipd-gpu-suite" / "compare"     # per-request JSON: too big to carry
+        shutil.rmtree(out, ignore_errors=True)
+        plan = (["--device", "cpu", "--modes", "unified", "static", "--rate-sweep", "4:4:1", "--duration", "3"]
+                if self.dry else ["--device", "cuda", "--rate-sweep", "4:16:4", "--duration", "8"])
+        argv = [PY, str(ROOT / "bench" / "compare.py"), "modes", "--out", str(out), "--slo-ttft", "0.3",
+                "--slo-tpot", "0.015", *plan, *self.args.compare_arg]
         rc = self.sub(argv, cap)
         rec.update(status="ok" if rc == 0 else "failed", reason="" if rc == 0 else f"exit {rc}")
+        rec["result"] = {p.stem: compare_summary(json.loads(p.read_text())) for p in sorted(out.glob("*.json"))}
+        if (out / "cpu-modes.png").exists():
+            shutil.copy(out / "cpu-modes.png", self.out / "compare.png")
 
     # ---- results ------------------------------------------------------------------------------------------
 
@@ -296,6 +302,18 @@ class Suite:
             if r:
                 lines.append(f"{s.name:<8} {r['status']:<8} {r['seconds']:>5.0f}  {headline(s.name, r)}"[:160])
         return "\n".join(lines)
+
+
+def compare_summary(doc: dict) -> dict:
+    """What comes back of one mode's semipd bench JSON: per rate its attainment and percentiles, no requests."""
+    def ms(stats, q):
+        return None if stats.get(q) is None else round(stats[q] * 1000, 2)
+    return {"label": doc.get("label"), "engine_command": doc.get("engine_command"),
+            "max_rate_at_goal": doc.get("max_rate_at_goal"), "split_moves": len(doc.get("split_moves", [])),
+            "moves": doc.get("split_moves", [])[:20],
+            "runs": [{"rate": r["rate"], "attainment": r["summary"]["attainment"],
+                      "ttft_p90_ms": ms(r["summary"]["ttft_s"], "p90"), "tpot_p90_ms": ms(r["summary"]["tpot_s"], "p90"),
+                      "output_throughput": r["summary"]["output_throughput"]} for r in doc.get("runs", [])]}
 
 
 def headline(name: str, rec: dict) -> str:
@@ -324,6 +342,9 @@ def headline(name: str, rec: dict) -> str:
         if name == "switch":
             return (f"{r['switches']} switches, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, failed "
                     f"requests {r['failed_requests']}, goal (p99 < 1 ms, 0 failed) met: {r['goal_met']}")
+        if name == "compare":
+            return ", ".join(f"{k}: {v['max_rate_at_goal']} req/s at goal, {v['split_moves']} moves"
+                             for k, v in r.items())
         if name == "engine":
             steps = " ".join(f"B={s['batch']} {s['vs_roofline']:.2f}x" for s in r.get("decode_steps", []))
             tput = f", semipd/transformers {r['throughput_ratio']:.2f}x" if "throughput_ratio" in r else ""
@@ -401,7 +422,7 @@ def main(argv=None) -> int:
     p.add_argument("--wheels", help="folder of wheels to install first (bench/gpu/prepare.sh)")
     p.add_argument("--site", help="where the wheels go (default /tmp/site; a scratch folder on a dry run)")
     p.add_argument("--only", type=lambda s: s.split(","), help="comma-separated stages to run")
-    p.add_argument("--compare-arg", action="append", default=[], help="argument for `semipd bench compare`")
+    p.add_argument("--compare-arg", action="append", default=[], help="more arguments for bench/compare.py modes")
     p.add_argument("--dry-run", action="store_true", help="CPU: the same code paths with tiny shapes")
     args = p.parse_args(argv)
     if args.site is None and not args.dry_run:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 import suite  # noqa: E402
 
 EXPECTED = {"wheels": "ok", "env": "ok", "pytest": "ok", "kernels": "ok", "parity": "ok", "sweep": "ok",
-            "switch": "ok", "engine": "ok", "compare": "skipped"}
+            "switch": "ok", "engine": "ok", "compare": "ok"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,11 @@ def test_dry_run_takes_every_stage_and_returns_what_the_device_tool_can_carry(pr
     assert stages["engine"]["result"]["throughput_ratio"] > 0
     # what comes back from $OUT: at most 8 plain files, names of letters, digits, '.', '_' and '-'
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["kernels.json", "sm_profile.json", "suite.json", "suite.log", "switch.json"]
+    assert files == ["compare.png", "kernels.json", "sm_profile.json", "suite.json", "suite.log", "switch.json"]
+    # the engine's modes through semipd bench: each one's figures per rate, no per-request records
+    compare = stages["compare"]["result"]
+    assert set(compare) == {"cpu-unified", "cpu-static"}
+    assert all(m["runs"] and m["runs"][0]["rate"] == 4 and "requests" not in m["runs"][0] for m in compare.values())
     assert json.loads((out / "sm_profile.json").read_text())["rows"]
     # the table is the last thing printed, one row per stage
     last = done.stdout.strip().splitlines()[-len(EXPECTED) - 1:]

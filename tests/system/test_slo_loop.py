@@ -268,12 +268,13 @@ def test_overload_scales_out_new_pods_get_their_own_splits_and_idle_scales_in(
         return [p.url for p in kubelet.serving().values()]
 
     with Load(serving, clients=3) as load:
-        # No split meets a 1 ms TTFT: the first pod's split goes to its bound, then the pods are added.
+        # A 1 ms TTFT is far out of reach: pods are added at once (Overloaded: latency at 2x a target or more),
+        # or once the split has reached its bound (NoSplitMeetsSLO), whichever the pod's numbers show first.
         st = poll(lambda: (s := status(kube, namespace, "auto")) and s.get("autoscaling", {}).get(
             "desiredReplicas", 0) >= 2 and s, WAIT, what="a scale-out decision", log=op.log)
-        assert st["autoscaling"]["reason"] == "NoSplitMeetsSLO"
+        assert st["autoscaling"]["reason"] in ("Overloaded", "NoSplitMeetsSLO")
         scale = next(h for h in st["history"] if h["kind"] == "Scale")
-        assert scale["reason"] == "NoSplitMeetsSLO" and int(scale["to"]) > int(scale["from"])
+        assert scale["reason"] in ("Overloaded", "NoSplitMeetsSLO") and int(scale["to"]) > int(scale["from"])
         pods = kubelet.wait_running(int(scale["to"]), timeout=WAIT)
         new = [n for n in pods if n != first_name]
         # each new pod is annotated and steered on its own: its entry, its annotation and its engine agree

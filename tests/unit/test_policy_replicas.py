@@ -44,6 +44,21 @@ def test_a_pod_far_over_its_target_scales_out_before_its_split_reaches_a_bound()
     assert wanted([near], current=2, bounds=BOUNDS)[1] == "Steady"
 
 
+def test_without_a_model_scale_out_sizes_by_what_saturated_pods_served_not_by_the_latency():
+    # two pods with a queue served 500 prompt tok/s each; 2000 arrive: at 80 % utilisation that is 5 pods, however
+    # far over the latency is (a backlog left from start-up would otherwise double the fleet again and again)
+    a = [Assessment(valid=True, traffic=True, load=1000, pressure=9.0, served=500, saturated=True)] * 2
+    need, reason, message = wanted(a, current=2, bounds=BOUNDS)
+    assert (need, reason) == (5, "Overloaded") and "as saturated pods served" in message
+    idle = [Assessment(valid=True, traffic=True, load=1000, pressure=9.0, served=500, saturated=False)] * 2
+    assert wanted(idle, current=2, bounds=BOUNDS)[0] == 4           # no queue: proportional, at most doubling
+
+
+def test_served_throughput_never_drives_a_scale_in():
+    a = [Assessment(valid=True, traffic=True, load=100, margin_ok=True, served=5000, saturated=True)] * 4
+    assert wanted(a, current=4, bounds=BOUNDS)[:2] == (3, "LowLoad")     # one at a time, not to 1
+
+
 def test_through_decide_a_far_miss_scales_out_while_the_split_also_moves():
     state = PolicyState()
     d = decide([obs("a", ttft=1.6), obs("b", ttft=1.6)], CFG, state, 100.0, 2, 2)
