@@ -25,7 +25,7 @@ def _median(values: list[float]) -> float | None:
     return known[len(known) // 2] if known else None
 
 
-def _capacity(assessments: list[Assessment]) -> tuple[float | None, str]:
+def _capacity(assessments: list[Assessment], remembered: float | None = None) -> tuple[float | None, str]:
     """Prompt tokens/s one pod takes: from the fitted models when they are trusted, else what saturated pods (a
     queue waiting) actually prefilled, which is what a pod can serve at its split now. Scaling by that, not by
     how far the latency is over, keeps a backlog built while pods start from doubling the fleet again and again
@@ -33,14 +33,19 @@ def _capacity(assessments: list[Assessment]) -> tuple[float | None, str]:
     modelled = _median([a.capacity for a in assessments])
     if modelled is not None:
         return modelled, "per pod"
-    return _median([a.served for a in assessments if a.saturated]), "per pod as saturated pods served"
+    served = _median([a.served for a in assessments if a.saturated])
+    if served is not None:
+        return served, "per pod as saturated pods served"
+    return remembered, "per pod as saturated pods last served"
 
 
-def wanted(assessments: list[Assessment], current: int, bounds: ReplicaBounds) -> tuple[int, str, str]:
-    """(pods wanted now, reason, message) from this window alone."""
+def wanted(assessments: list[Assessment], current: int, bounds: ReplicaBounds,
+           remembered: float | None = None) -> tuple[int, str, str]:
+    """(pods wanted now, reason, message) from this window, and from what saturated pods last served
+    (`remembered`), the one thing kept from earlier windows."""
     valid = [a for a in assessments if a.valid]
     load = sum(a.load for a in valid)
-    capacity, source = _capacity(valid)
+    capacity, source = _capacity(valid, remembered)
     per_pod = None if capacity is None else capacity * bounds.target_utilization
     infeasible = any(a.feasible is False for a in valid)
     overloaded = [a for a in valid if a.traffic and a.pressure >= OVERLOAD]
@@ -59,10 +64,12 @@ def wanted(assessments: list[Assessment], current: int, bounds: ReplicaBounds) -
         return bounds.min, "NoTraffic", "no requests on any pod"
     if len(valid) < len(assessments):
         return current, "MetricsMissing", "some pods have no usable metrics; not scaling in on partial data"
-    if per_pod and source == "per pod" and all(a.margin_ok for a in valid):   # scale in on the models only
+    # scale in by a capacity measured at saturation (the models', or what saturated pods served), never by what
+    # pods serve now: below saturation that is the load, not what they could take
+    if per_pod and source != "per pod as saturated pods served" and all(a.margin_ok for a in valid):
         need = max(1, math.ceil(load / per_pod))
         if need < current:
-            return need, "LowLoad", f"{load:.0f} prompt tok/s fit in {need} pod(s) at {per_pod:.0f} each"
+            return need, "LowLoad", f"{load:.0f} prompt tok/s fit in {need} pod(s) at {per_pod:.0f} {source}"
     elif all(a.margin_ok for a in valid) and current > 1:
         return current - 1, "LowLoad", "every pod is well within its targets"
     return current, "Steady", f"{load:.0f} prompt tok/s on {current} pod(s)"
@@ -76,7 +83,10 @@ def decide_replicas(assessments: list[Assessment], cfg: PolicyConfig, state: Pol
         return _scaled(state, now, current, target, "Bounds", f"kept inside [{bounds.min}, {bounds.max}]")
     if not any(a.valid for a in assessments) and assessments:
         return ReplicaDecision(current, False, "MetricsMissing", "no pod has usable metrics; holding the count")
-    need, reason, message = wanted(assessments, current, bounds)
+    served = _median([a.served for a in assessments if a.valid and a.saturated])
+    if served is not None:
+        state.served_capacity = served
+    need, reason, message = wanted(assessments, current, bounds, state.served_capacity)
     need = _clamp(need, bounds)
     state.recommendations.append([now, need])
     window = bounds.scale_down_stabilization_s

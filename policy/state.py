@@ -41,6 +41,7 @@ class PolicyState:
     last_scale: float | None = None
     recommendations: list = field(default_factory=list)  # (time, replicas wanted)
     low_since: float | None = None                       # since when fewer pods would do
+    served_capacity: float | None = None                 # prompt tok/s a saturated pod last served (no model)
 
     def pod(self, name: str) -> PodState:
         return self.pods.setdefault(name, PodState())
@@ -70,7 +71,8 @@ class PolicyState:
         pods = {name: PodState(**{k: v for k, v in (p or {}).items() if k in known})
                 for name, p in (data.get("pods") or {}).items()}
         return cls(pods=pods, last_scale=data.get("last_scale"),
-                   recommendations=list(data.get("recommendations") or []), low_since=data.get("low_since"))
+                   recommendations=list(data.get("recommendations") or []), low_since=data.get("low_since"),
+                   served_capacity=data.get("served_capacity"))
 
 
 def _rounded(value):

@@ -54,9 +54,22 @@ def test_without_a_model_scale_out_sizes_by_what_saturated_pods_served_not_by_th
     assert wanted(idle, current=2, bounds=BOUNDS)[0] == 4           # no queue: proportional, at most doubling
 
 
-def test_served_throughput_never_drives_a_scale_in():
+def test_what_pods_serve_now_never_drives_a_scale_in_but_what_saturated_pods_served_does():
     a = [Assessment(valid=True, traffic=True, load=100, margin_ok=True, served=5000, saturated=True)] * 4
     assert wanted(a, current=4, bounds=BOUNDS)[:2] == (3, "LowLoad")     # one at a time, not to 1
+    calm = [Assessment(valid=True, traffic=True, load=100, margin_ok=True, served=100)] * 4
+    need, reason, message = wanted(calm, current=4, bounds=BOUNDS, remembered=500)
+    assert (need, reason) == (1, "LowLoad") and "last served" in message     # 400 tok/s fit one pod at 400
+
+
+def test_a_saturated_window_is_remembered_for_the_scale_in_and_survives_a_restart():
+    state = PolicyState()
+    busy = [obs("a", ttft=1.6, waiting=5.0, prompt_throughput=500.0),
+            obs("b", ttft=1.6, waiting=5.0, prompt_throughput=500.0)]
+    step(busy, state, 100.0, 2)
+    assert state.served_capacity == 500.0
+    restored = PolicyState.from_json(state.to_json())
+    assert restored.served_capacity == 500.0
 
 
 def test_through_decide_a_far_miss_scales_out_while_the_split_also_moves():
