@@ -32,6 +32,7 @@ sys.path.insert(0, str(BENCH))
 
 from bench_engine import start_server, stop_server  # noqa: E402
 from gpu_common import format_table  # noqa: E402
+from profile_engine import EngineClient  # noqa: E402
 
 # bench_engine.start_server starts a CPU float32 engine with a 1 GiB pool; on CUDA these flags come after and win
 # (a pool of 1 would be every free byte there)
@@ -150,7 +151,7 @@ def run_fidelity(args) -> int:
                         str(token), "--splits", ",".join(map(str, splits)), "--calibrate",
                         "--calibrate-at", str(args.split), "--calibration-input-len", args.input_len,
                         "--calibration-output-len", args.output_len, "--json", str(profile)], check=True)
-        httpx_put(url, token, args.split)
+        EngineClient(url, token.read_text().strip(), 30).set_split(args.split)
         semipd("bench", "--url", url, "--label", "CPU engine (measured)",
                *workload_flags(args, ["--rate-sweep", args.rate_sweep, "--num-requests", str(args.num_requests)]),
                "--output", str(measured))
@@ -165,12 +166,6 @@ def run_fidelity(args) -> int:
     semipd("bench", "plot", str(measured), str(predicted), "--output", str(out / "fidelity.png"))
     print(fidelity_table(json.loads(measured.read_text()), json.loads(predicted.read_text())))
     return 0
-
-
-def httpx_put(url: str, token: Path, prefill_sms: int) -> None:
-    import httpx
-    httpx.put(url + "/admin/partition", json={"prefill": prefill_sms},
-              headers={"Authorization": f"Bearer {token.read_text().strip()}"}, timeout=30).raise_for_status()
 
 
 def fidelity_table(measured: dict, predicted: dict) -> str:

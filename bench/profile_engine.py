@@ -20,9 +20,12 @@ phase from /metrics before and after, so each figure is the engine's mean step t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, replace
@@ -31,6 +34,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_common import EXIT_OK, int_list, write_json
+from semipd.sim.models import Profile
 from sm_sweep import Row, Target, sweep, table
 
 PROG = "profile_engine"
@@ -250,10 +254,6 @@ def calibrate_at_rate(client: EngineClient, url: str, rows: list[Row], meta: dic
     engine's mean step per phase under real load against what the rows predict for the same mean step, and what
     the client sees beyond the engine's own TTFT. Each prediction blends the alone and with-other rows by the
     share of the run the other phase was busy."""
-    import json
-    import tempfile
-
-    from semipd.sim.models import Profile
     state = client.partition()
     p_share, d_share = state["prefill_sms"] / state["total_sms"], state["decode_sms"] / state["total_sms"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,7 +263,6 @@ def calibrate_at_rate(client: EngineClient, url: str, rows: list[Row], meta: dic
                "--num-requests", str(args.calibration_requests), "--seed", str(args.calibration_seed),
                "--input-len", args.calibration_input_len, "--output-len", args.calibration_output_len,
                "--no-progress", "--output", out]
-        import subprocess
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise EngineError(f"the calibration run failed: {done.stderr.strip()[-300:]}")

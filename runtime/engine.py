@@ -227,9 +227,10 @@ class Engine:
                 stream.synchronize()
         self._emulate_share("prefill", split, time.monotonic() - started)
         prefilled = sum(n for _, n in chunks)
-        self.metrics.step("prefill", time.monotonic() - started, prefilled)
+        took = time.monotonic() - started
+        self.metrics.step("prefill", took, prefilled)
         self.recent.count("prefilled_tokens", prefilled)
-        self.recent.count("prefill_busy_s", time.monotonic() - started)
+        self.recent.count("prefill_busy_s", took)
         now = time.monotonic()
         with self._lock:
             for seq, n in chunks:

@@ -334,6 +334,13 @@ class Pod:
             r.blocks = 0
             self._finish(r, now)
 
+    def _admit(self, batch) -> list[Req]:
+        """Handed-off requests that join the decode batch at its next step, up to max_num_seqs (as the engine)."""
+        newcomers = []
+        while self.handoff and batch.n + len(newcomers) < self.cfg.max_num_seqs:
+            newcomers.append(self.handoff.popleft())
+        return newcomers
+
     def _preempted(self, victims: list[Req]) -> None:
         k = self.batch.k
         for r in victims:
@@ -410,9 +417,7 @@ class SemiPDPod(Pod):
         if self.d_busy:
             return
         b = self.batch
-        newcomers = []
-        while self.handoff and b.n + len(newcomers) < self.cfg.max_num_seqs:
-            newcomers.append(self.handoff.popleft())
+        newcomers = self._admit(b)
         if b.n == 0 and not newcomers:
             self._gauges()
             return
@@ -465,9 +470,7 @@ class UnifiedPod(Pod):
         if self.busy:
             return
         b = self.batch
-        newcomers = []
-        while self.handoff and b.n + len(newcomers) < self.cfg.max_num_seqs:
-            newcomers.append(self.handoff.popleft())
+        newcomers = self._admit(b)
         decoding = False
         if b.n or newcomers:
             victims = b.start_step(newcomers, self.pool)
