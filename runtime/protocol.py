@@ -275,9 +275,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens the prefix cache served."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class ResponseShape:
@@ -307,12 +309,13 @@ class ResponseShape:
             body["usage"] = None            # OpenAI: every chunk but the last carries "usage": null
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._head(obj) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return self._head(obj) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
-             token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None) -> dict:
+             cached_tokens: int = 0, token_ids: list[int] | None = None,
+             prompt_token_ids: list[int] | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": finish_reason}
@@ -322,7 +325,8 @@ class ResponseShape:
             obj = "text_completion"
         if token_ids is not None:
             choice |= {"token_ids": token_ids, "prompt_token_ids": prompt_token_ids}
-        return self._head(obj) | {"choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        return self._head(obj) | {"choices": [choice],
+                                  "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def sse(data: dict | str) -> bytes:

@@ -27,6 +27,7 @@ class RequestOutput:
     finish_reason: str | None       # "stop" | "length" | "abort" | None
     prompt_tokens: int
     completion_tokens: int          # cumulative
+    cached_tokens: int = 0          # prompt tokens served from the prefix cache
 
 
 _order = itertools.count()
@@ -44,7 +45,11 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0                  # tokens whose K/V are in the cache
+        self.block_hashes: list[bytes] = []           # chained hash of each full block of tokens (prefix cache)
+        self.num_registered_blocks = 0                # leading blocks already offered to the prefix cache
+        self.num_cached_tokens: int | None = None     # prompt tokens the first admission found in the cache
         self.aborted = False
+        self.preemptions = 0
         self.finish_reason: str | None = None
         self.ready_event = None                        # CUDA event the decode worker waits on after handoff
         self.generator = None

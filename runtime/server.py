@@ -179,10 +179,10 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         result = await until_disconnect(request, collect(outputs))
         if result is None:
             return Response(status_code=499)
-        text, token_ids, finish, prompt_tokens, completion_tokens = result
+        text, token_ids, finish, prompt_tokens, completion_tokens, cached = result
         if req.return_token_ids:
-            return shape.full(text, finish, prompt_tokens, completion_tokens, token_ids, ids)
-        return shape.full(text, finish, prompt_tokens, completion_tokens)
+            return shape.full(text, finish, prompt_tokens, completion_tokens, cached, token_ids, ids)
+        return shape.full(text, finish, prompt_tokens, completion_tokens, cached)
 
     async def until_disconnect(request: Request, coro):
         """Run coro, cancelling it (and so aborting the engine request) if the client goes away first."""
@@ -211,8 +211,10 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             parts.append(last.text)
             token_ids += last.token_ids
         if last is None:
-            return "", [], "abort", 0, 0
-        return "".join(parts), token_ids, last.finish_reason, last.prompt_tokens, last.completion_tokens
+            return "", [], "abort", 0, 0, 0
+        return (
+            "".join(parts), token_ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+            last.cached_tokens)
 
     async def stream(shape: ResponseShape, first, outputs):
         # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)
@@ -229,7 +231,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             yield sse(error_body("internal error while generating", "server_error"))
         else:
             if shape.include_usage and last is not None:
-                yield sse(shape.usage_chunk(last.prompt_tokens, last.completion_tokens))
+                yield sse(shape.usage_chunk(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
         yield sse("[DONE]")
 
     # --- operations -----------------------------------------------------------------------------------------
