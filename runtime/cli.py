@@ -10,7 +10,8 @@ from pathlib import Path
 # libgomp reads this once, when torch loads it, so it is set before anything imports torch; the user's wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from semipd.runtime.config import EngineConfig, ServerConfig, SloSettings, check_partition_policy  # noqa: E402
+from semipd.runtime.config import (EngineConfig, ServerConfig, SloSettings, check_memory,  # noqa: E402
+                                   check_partition_policy)
 
 
 def _serve_parser(sub) -> argparse.ArgumentParser:
@@ -30,8 +31,13 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-num-waiting", type=int, default=256, help="queued requests before answering 503")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides --kv-cache-memory)")
-    p.add_argument("--kv-cache-memory", type=float, default=0.25,
-                   help="KV pool: GiB on CPU; on CUDA a fraction of free memory when <= 1, else GiB")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of the GPU's memory this engine may use for weights, activations, CUDA graphs "
+                        "and the KV pool, which gets what is left")
+    p.add_argument("--kv-cache-memory", type=float,
+                   help="KV pool in GiB, instead of what --gpu-memory-utilization leaves (default on CPU: 0.25)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes already computed (full blocks of --block-size tokens)")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
                    help="auto: Triton kernels on CUDA, torch references on CPU")
     p.add_argument("--partition-backend", default="auto", choices=["auto", "greenctx", "shared", "cpu"],
@@ -68,7 +74,9 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int,
                    help="CPU only: torch threads per worker while prefill and decode both work; a worker whose "
                         "peer is idle takes twice as many (default: half the cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the sampler of requests without their own 'seed': the same requests in the same "
+                        "order sample the same tokens on a restarted server")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -98,6 +106,7 @@ def serve(args) -> int:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_waiting=args.max_num_waiting,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
         kernel_backend=args.kernel_backend, partition_backend=args.partition_backend, sm_split=args.sm_split,
         partition_file=args.partition_file, cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
         torch_threads=args.torch_threads, partition_policy=args.partition_policy,
@@ -108,6 +117,7 @@ def serve(args) -> int:
                         interval=args.policy_interval, window=args.policy_window))
     try:
         check_partition_policy(engine_config)
+        check_memory(engine_config)
     except ValueError as exc:
         return _refuse(str(exc))
     if args.emulate_sm_share and args.partition_backend not in ("auto", "cpu"):

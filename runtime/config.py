@@ -42,13 +42,16 @@ class EngineConfig:
     served_model_name: str | None = None        # name clients send in "model"; default: the directory name
     dtype: str = "auto"                         # auto | float32 | float16 | bfloat16 (auto: bf16 on CUDA, f32 on CPU)
     device: str = "auto"                        # auto | cpu | cuda | cuda:N
-    max_model_len: int | None = None            # default: the model's max_position_embeddings
+    max_model_len: int | None = None            # default: the model's, or less if that is more than the pool holds
     max_num_seqs: int = 64                      # decode batch limit
     max_num_batched_tokens: int = 512           # prefill token budget per step (longer prompts are chunked)
     max_num_waiting: int = 256                  # prefill queue limit; beyond it requests get 503
     block_size: int = 16
     num_kv_blocks: int | None = None            # default: sized from kv_cache_memory
-    kv_cache_memory: float = 0.25               # GiB on CPU; on CUDA a fraction of free memory if <= 1
+    gpu_memory_utilization: float = 0.9         # CUDA: share of the device's memory this engine may use in all
+    kv_cache_memory: float | None = None        # GiB for the KV pool (default: 0.25 on CPU; on CUDA what
+                                                # gpu_memory_utilization leaves after weights and activations)
+    enable_prefix_caching: bool = True          # share the KV of repeated prompt prefixes (full blocks)
     kernel_backend: str = "auto"                # auto | triton | torch
     partition_backend: str = "auto"             # auto | greenctx | shared | cpu
     sm_split: str | None = None                 # initial split, "prefill=64" or "prefill=0.5"
@@ -64,6 +67,16 @@ class EngineConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+
+def check_memory(config: EngineConfig) -> None:
+    """A ValueError (one line, in flag names) for memory settings no pool can be sized from."""
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {config.gpu_memory_utilization}")
+    if config.kv_cache_memory is not None and not config.kv_cache_memory > 0:
+        raise ValueError(f"--kv-cache-memory must be a positive number of GiB, got {config.kv_cache_memory}")
+    if config.num_kv_blocks is not None and config.num_kv_blocks < 1:
+        raise ValueError(f"--num-kv-blocks must be at least 1, got {config.num_kv_blocks}")
 
 
 def check_partition_policy(config: EngineConfig) -> None:

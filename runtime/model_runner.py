@@ -9,13 +9,25 @@ import torch
 from semipd.kernels import load_ops
 from semipd.runtime.batch import ForwardBatch
 from semipd.runtime.block_manager import BlockManager
-from semipd.runtime.config import EngineConfig
+from semipd.runtime.config import EngineConfig, check_memory
 from semipd.runtime.loader import load_model
+from semipd.runtime.sampling import SamplingParams
 from semipd.runtime.sequence import Sequence
 
 log = logging.getLogger("semipd.runner")
 
+CPU_KV_CACHE_GIB = 0.25           # the KV pool on CPU when --kv-cache-memory is not given
+CUDA_GRAPH_RESERVE = 512 * 2**20  # what decode graphs may take (one shared memory pool, captured after the KV pool)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kv_pool_budget(total: int, free: int, utilization: float, other_needs: int) -> int:
+    """Bytes for the KV pool: this engine may use `utilization` of the device; what is already in use (its own
+    weights, other processes) and what it will need besides (activations, graphs) come off, and never more than
+    is free."""
+    in_use = total - free
+    return max(0, min(int(total * utilization) - in_use, free) - other_needs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,6 +58,7 @@ def resolve_kernel_backend(name: str, device: torch.device) -> str:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
+        check_memory(config)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kernel_backend = resolve_kernel_backend(config.kernel_backend, self.device)
@@ -55,26 +68,84 @@ class ModelRunner:
         if self.device.type == "cpu" and self.model.pack_for_cpu():
             log.info("CPU matmul weights packed for oneDNN")
         mc = self.model_config
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({mc.max_position_embeddings}) in config.json")
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.block_size = config.block_size
         bytes_per_block = 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
-        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory(config.kv_cache_memory, bytes_per_block)
-        if self.num_blocks * self.block_size < self.max_model_len:
+        self.num_blocks = config.num_kv_blocks or self._pool_blocks(config, bytes_per_block)
+        pool_tokens = self.num_blocks * self.block_size
+        if config.max_model_len is None and pool_tokens < self.max_model_len:
+            log.info("max_model_len set to %d, what the KV pool holds for one request (the model allows %d; "
+                     "give more memory to the pool, or set --max-model-len)", pool_tokens, self.max_model_len)
+            self.max_model_len = pool_tokens
+        if pool_tokens < self.max_model_len:
             raise ValueError(f"the KV pool ({self.num_blocks} blocks x {self.block_size} tokens) cannot hold one "
-                             f"sequence of max_model_len={self.max_model_len}; raise --kv-cache-memory or "
-                             f"--num-kv-blocks, or lower --max-model-len")
-        shape = (self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+                             f"sequence of max_model_len={self.max_model_len}; raise --gpu-memory-utilization, "
+                             f"--kv-cache-memory or --num-kv-blocks, or lower --max-model-len")
+        self._make_pool(self.num_blocks, config.enable_prefix_caching)
+        self.decode_graphs: dict[tuple, DecodeGraph] = {}
+        log.info("model %s on %s (%s, %s kernels); KV pool %d blocks x %d tokens (%.1f MiB), prefix caching %s",
+                 config.model, self.device, str(self.dtype).removeprefix("torch."), self.kernel_backend,
+                 self.num_blocks, self.block_size, self.num_blocks * bytes_per_block / 2**20,
+                 "on" if config.enable_prefix_caching else "off")
+
+    def _make_pool(self, num_blocks: int, enable_prefix_caching: bool) -> None:
+        mc = self.model_config
+        shape = (num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         self.model.attach_kv_cache(self.k_caches, self.v_caches)
-        self.block_manager = BlockManager(self.num_blocks, self.block_size)
-        self.decode_graphs: dict[tuple, DecodeGraph] = {}
-        log.info("model %s on %s (%s, %s kernels); KV pool %d blocks x %d tokens (%.1f MiB)", config.model,
-                 self.device, str(self.dtype).removeprefix("torch."), self.kernel_backend, self.num_blocks,
-                 self.block_size, self.num_blocks * bytes_per_block / 2**20)
+        self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
+
+    def _pool_blocks(self, config: EngineConfig, bytes_per_block: int) -> int:
+        """--kv-cache-memory GiB when given; on CPU its default; on CUDA what --gpu-memory-utilization leaves once
+        the weights, the other processes, the measured activations and the CUDA-graph reserve are counted."""
+        if config.kv_cache_memory is not None or self.device.type != "cuda":
+            gib = config.kv_cache_memory if config.kv_cache_memory is not None else CPU_KV_CACHE_GIB
+            return max(1, int(gib * 2**30 // bytes_per_block))
+        activations = self._activation_peak(config)
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserve = CUDA_GRAPH_RESERVE if config.cuda_graphs else 0
+        budget = kv_pool_budget(total, free, config.gpu_memory_utilization, activations + reserve)
+        log.info("KV pool: %.0f%% of %.1f GiB, less %.1f GiB in use (weights, other processes), %.2f GiB of "
+                 "activations (measured) and %.2f GiB for CUDA graphs: %.1f GiB",
+                 100 * config.gpu_memory_utilization, total / 2**30, (total - free) / 2**30, activations / 2**30,
+                 reserve / 2**30, budget / 2**30)
+        if budget < bytes_per_block:
+            raise ValueError(f"no GPU memory left for the KV pool: --gpu-memory-utilization "
+                             f"{config.gpu_memory_utilization} of {total / 2**30:.1f} GiB is taken by the weights, "
+                             f"other processes ({(total - free) / 2**30:.1f} GiB in use) and activations; raise it, "
+                             f"or lower --max-num-batched-tokens")
+        return int(budget // bytes_per_block)
+
+    @torch.inference_mode()
+    def _activation_peak(self, config: EngineConfig) -> int:
+        """Bytes a prefill step of the full token budget and a decode step of the full batch take beyond the
+        weights, measured on a scratch pool: the two workers run at once, so their peaks add up."""
+        tokens = min(config.max_num_batched_tokens, self.max_model_len - 1)
+        seqs = config.max_num_seqs
+        self._make_pool(-(-tokens // self.block_size) + seqs, enable_prefix_caching=False)
+        params = SamplingParams(max_tokens=1)
+        prompt = Sequence("profile-prefill", [0] * tokens, params, lambda out: None, self.device)
+        self.block_manager.allocate(prompt, tokens)
+        batch = [Sequence(f"profile-decode-{i}", [0], params, lambda out: None, self.device) for i in range(seqs)]
+        for seq in batch:
+            self.block_manager.allocate(seq, 1)
+        peaks = []
+        for step in (lambda: self.prefill([(prompt, tokens)], [True]), lambda: self._decode_eager(batch)):
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            step()
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+        self.k_caches = self.v_caches = []
+        self.model.k_caches = self.model.v_caches = []
+        self.block_manager = None
+        torch.cuda.empty_cache()
+        return sum(peaks)
 
     @torch.inference_mode()
     def capture_decode_graphs(self, decode_streams: list, max_batch: int) -> None:
@@ -93,14 +164,6 @@ class ModelRunner:
             return
         log.info("captured %d decode CUDA graphs (%d streams x batch sizes %s) in %.1fs", len(self.decode_graphs),
                  len(self.decode_graphs) // max(1, len(sizes)), sizes, time.monotonic() - started)
-
-    def _blocks_from_memory(self, amount: float, bytes_per_block: int) -> int:
-        if self.device.type == "cuda" and amount <= 1.0:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * amount
-        else:
-            budget = amount * 2**30
-        return max(1, int(budget // bytes_per_block))
 
     def _tensor(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
