@@ -35,8 +35,8 @@ from gpu_common import format_table  # noqa: E402
 from profile_engine import EngineClient  # noqa: E402
 
 # bench_engine.start_server starts a CPU float32 engine with a 1 GiB pool; on CUDA these flags come after and win
-# (a pool of 1 would be every free byte there)
-CUDA = ["--device", "cuda", "--dtype", "bfloat16", "--kv-cache-memory", "0.3"]
+# (16 GiB: room for every request of the sweep, and for a peer on the same GPU)
+CUDA = ["--device", "cuda", "--dtype", "bfloat16", "--kv-cache-memory", "16"]
 SPLIT = {"cpu": ["--partition-backend", "cpu", "--emulate-sm-share"],       # the named stand-in
          "cuda": CUDA + ["--partition-backend", "greenctx"]}
 MODES = {

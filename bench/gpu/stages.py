@@ -241,7 +241,7 @@ def parity_stage(args, out: Result) -> int:
                  f"different texts); pass: the first {FIRST_N} tokens are equal, every later difference is a "
                  f"near-tie (the reference's logits for the two tokens within {NEAR_TIE}), and the agreed "
                  f"prefixes cover >= {MIN_PREFIX:.0%} of the reference tokens")
-    extra = [] if args.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--kv-cache-memory", "0.05"]
+    extra = [] if args.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--kv-cache-memory", "4"]
     log_path = tmp / "server.log"
     proc, url, _ = bench_engine.start_server(model_dir, len(prompts), extra + ["--max-model-len", "512"], log_path)
     try:
@@ -315,7 +315,7 @@ def engine_stage(args, out: Result) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n, lens = (2, (4, 8)) if dry else (args.requests, (128, 512))
     work = bench_engine.make_workload(tokenizer, n, lens, (4, 8) if dry else (64, 256), "uniform", 0)
-    extra = [] if dry else ["--device", "cuda", "--dtype", "bfloat16", "--kv-cache-memory", "0.3"]
+    extra = [] if dry else ["--device", "cuda", "--dtype", "bfloat16", "--kv-cache-memory", "16"]
     tmp = Path(tempfile.mkdtemp(prefix="semipd-engine-"))
     rows = [bench_engine.run_semipd_http(model_dir, work, extra, tmp / "server.log")]
     out.put(rows=[r.summary() for r in rows])

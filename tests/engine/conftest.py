@@ -6,7 +6,8 @@
         httpx.get(server.url + "/health")
 
 `start_server` (per test) and `start_server_module` (per module) take the serve flags; `--model` defaults to the
-tiny llama (`start_server_without_model` passes none) and `--port` to a free port. Every server is stopped (SIGTERM, then SIGKILL) when its scope ends.
+tiny llama (`start_server_without_model` passes none), `--port` to a free port and `--max-model-len` to 512
+(`--max-model-len default` leaves it to the engine). Every server is stopped (SIGTERM, then SIGKILL) when its scope ends.
 `default_server` is one shared server (max_model_len 2048) for tests that need no special flags.
 """
 import json
@@ -64,6 +65,8 @@ def launch(model_dir: Path | None, log_dir: Path, *args: str, env: dict | None =
         args = ["--model", str(model_dir)] + args
     if "--max-model-len" not in args:
         args += ["--max-model-len", str(DEFAULT_MAX_MODEL_LEN)]
+    elif args[args.index("--max-model-len") + 1] == "default":     # the engine's own default
+        del args[args.index("--max-model-len"):args.index("--max-model-len") + 2]
     if "--port" not in args:
         args += ["--port", str(free_port())]
     port = args[args.index("--port") + 1]

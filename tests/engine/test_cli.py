@@ -76,3 +76,32 @@ def test_a_model_that_cannot_be_served_stops_start_up_with_one_clear_error(tmp_p
     assert "Traceback" not in output, output
     [line] = [l for l in output.splitlines() if "cannot start" in l]
     assert expected in line, line
+
+
+def test_seed_makes_unseeded_sampling_repeat_across_restarts(start_server):
+    def samples(seed):
+        server = start_server("--seed", str(seed))
+        texts = [httpx.post(server.url + "/v1/completions", timeout=60,
+                            json={"prompt": f"story {i}", "max_tokens": 12, "temperature": 1.0}).json()
+                 ["choices"][0]["text"] for i in range(3)]
+        server.stop()
+        return texts
+
+    first = samples(7)
+    assert samples(7) == first
+    assert samples(8) != first
+
+
+def test_memory_flags_that_cannot_size_a_pool_are_refused(tiny_llama_dir):
+    for flags, said in ((["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1]"),
+                        (["--kv-cache-memory", "0"], "--kv-cache-memory must be a positive number")):
+        done = subprocess.run([sys.executable, "-m", "semipd.runtime.cli", "serve", "--model", str(tiny_llama_dir),
+                               *flags], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
+def test_max_model_len_defaults_to_what_the_pool_holds(start_server):
+    server = start_server("--num-kv-blocks", "20", "--max-model-len", "default")
+    model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+    assert model["max_model_len"] == 20 * 16
+    assert "max_model_len set to 320, what the KV pool holds for one request" in server.log()
