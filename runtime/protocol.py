@@ -80,7 +80,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None                     # accepted and ignored
-    return_token_ids: bool = False              # vLLM extension: token ids beside the text (non-streaming)
+    return_token_ids: bool = False              # vLLM extension: token ids beside the text (each chunk's own, streamed)
 
     # Unimplemented features, accepted only at NEUTRAL_VALUES.
     presence_penalty: Any = None
@@ -285,8 +285,9 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 class ResponseShape:
     """Bodies for one request: the same id/created/model on every chunk."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool = False):
+    def __init__(self, chat: bool, model: str, include_usage: bool = False, return_token_ids: bool = False):
         self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.return_token_ids = return_token_ids
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self._role_sent = False
@@ -294,7 +295,7 @@ class ResponseShape:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
+    def chunk(self, text: str, finish_reason: str | None, token_ids: list[int] = ()) -> dict:
         if self.chat:
             delta = {} if self._role_sent else {"role": "assistant"}
             if text or not self._role_sent:
@@ -305,6 +306,8 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             body = self._head("text_completion") | {"choices": [choice]}
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
         if self.include_usage:
             body["usage"] = None            # OpenAI: every chunk but the last carries "usage": null
         return body

@@ -165,7 +165,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise bad_request(str(e), prompt_param) from None
 
-        shape = ResponseShape(chat, engine.model_name, req.include_usage)
+        shape = ResponseShape(chat, engine.model_name, req.include_usage, req.return_token_ids)
         log.info("request %s: %d prompt tokens, max_tokens %d, stream %s", shape.id, len(ids), max_tokens,
                  req.stream)
         outputs = engine.generate(shape.id, ids, params)
@@ -219,13 +219,15 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     async def stream(shape: ResponseShape, first, outputs):
         # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)
         # are folded into the next chunk, so every chunk a client sees carries at least one token.
-        last = None
+        last, held_ids = None, []
         try:
             pending = [first] if first is not None else []
             async for out in _chain(pending, outputs):
                 last = out
+                held_ids += out.token_ids
                 if out.text or out.finished:
-                    yield sse(shape.chunk(out.text, out.finish_reason if out.finished else None))
+                    yield sse(shape.chunk(out.text, out.finish_reason if out.finished else None, held_ids))
+                    held_ids = []
         except Exception:
             log.exception("request %s failed while streaming", shape.id)
             yield sse(error_body("internal error while generating", "server_error"))

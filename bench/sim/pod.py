@@ -259,8 +259,9 @@ class Pod:
         return len(self.waiting), len(self.handoff), self.pool.usage
 
     def _schedule_prefill(self, budget: int) -> list[tuple[Req, int]]:
-        """runtime/engine.py's _schedule_prefill: the chunked prompt first, then FCFS while budget, blocks and
-        slots last."""
+        """runtime/scheduler.py's schedule_prefill: the chunked prompt first, then FCFS while budget, slots and
+        the admission rule allow (the whole prompt must fit besides what admitted prompts still need, plus the
+        watermark and, for a preempted request, a block per decoding one). No prefix cache is modelled."""
         bs, pool = self.cfg.block_size, self.pool
         chunks = []
         for r in self.prefilling:
@@ -274,7 +275,12 @@ class Pod:
             if len(self.prefilling) + len(self.handoff) + self.batch.n + self._pending() >= self.cfg.max_num_seqs:
                 break
             n = min(r.tokens, budget)
-            if not self._allocate(r, n):
+            bpt = self.cfg.block_size
+            reserved = sum(-(-q.tokens // bpt) - q.blocks for q in self.prefilling)
+            rest = -(-r.tokens // bpt) - -(-n // bpt)
+            active = len(self.prefilling) + len(self.handoff) + self.batch.n + self._pending()
+            headroom = (max(1, int(0.01 * pool.total)) + (self.batch.n if r.preemptions else 0)) if active else 0
+            if -(-n // bpt) + reserved + rest + headroom > pool.free or not self._allocate(r, n):
                 break
             self.waiting.popleft()
             if r.first is None and r.preemptions == 0:

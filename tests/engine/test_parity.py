@@ -51,7 +51,7 @@ def test_greedy_matches_transformers_under_concurrency(request, start_server, re
     prompts = make_prompts(AutoTokenizer.from_pretrained(model_dir))
     expected = reference(model_dir, prompts)
     # a small prefill budget chunks the longer prompts; a small KV pool forces preemption and recompute
-    server = start_server("--model", str(model_dir), "--max-num-batched-tokens", "24", "--num-kv-blocks", "40",
+    server = start_server("--model", str(model_dir), "--max-num-batched-tokens", "24", "--num-kv-blocks", "24",
                           "--max-model-len", "256")
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         got = list(pool.map(lambda p: complete(server.url, p), prompts))

@@ -121,3 +121,15 @@ def test_disconnect_while_waiting_for_a_full_response_frees_blocks(default_serve
     assert wait_until_idle(default_server, read_metric) == (0, 0.0)
     generated = read_metric(default_server, "vllm:generation_tokens_total") - tokens_before
     assert generated < max_tokens, "the request ran to completion instead of being aborted"
+
+
+def test_streamed_token_ids_add_up_to_the_full_responses(default_server, read_sse):
+    body = {"prompt": "the quiet river", "max_tokens": 20, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    full = httpx.post(default_server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    with httpx.stream("POST", default_server.url + "/v1/completions", json=body | {"stream": True},
+                      timeout=60) as r:
+        events = read_sse(r)
+    chunks = [e["choices"][0] for e in events if isinstance(e, dict) and e["choices"]]
+    assert [t for c in chunks for t in c["token_ids"]] == full["token_ids"]
+    assert "".join(c["text"] for c in chunks) == full["text"]
