@@ -92,7 +92,7 @@ def metric(url: str, name: str) -> float:
 
 def run(model_dir: Path, work: dict, cache: bool, log_dir: Path) -> dict:
     n = len(work["users"])
-    extra = ["--max-model-len", "4096", "--max-num-batched-tokens", "512"]
+    extra = ["--max-num-batched-tokens", "512"]       # max_model_len: the model's (2048)
     extra += [] if cache else ["--no-enable-prefix-caching"]
     proc, url, cmd = bench_engine.start_server(model_dir, n, extra, log_dir / f"server-cache-{cache}.log")
     try:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small model, 4 conversations x 3 turns")
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--system-len", type=int, default=512, help="tokens of the shared system prompt")
+    p.add_argument("--system-len", type=int, default=768, help="tokens of the shared system prompt")
     p.add_argument("--user-len", type=int, default=64, help="tokens of each user message")
     p.add_argument("--reply-len", type=int, default=32, help="tokens of each reply")
     p.add_argument("--seed", type=int, default=0)
