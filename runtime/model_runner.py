@@ -121,9 +121,11 @@ class ModelRunner:
         return int(budget // bytes_per_block)
 
     @torch.inference_mode()
-    def _activation_peak(self, config: EngineConfig) -> int:
+    def _activation_peak(self, config: EngineConfig, peak_of=None) -> int:
         """Bytes a prefill step of the full token budget and a decode step of the full batch take beyond the
-        weights, measured on a scratch pool: the two workers run at once, so their peaks add up."""
+        weights, measured on a scratch pool: the two workers run at once, so their peaks add up. `peak_of(step)`
+        runs a step and returns its peak (default: CUDA's allocator statistics)."""
+        peak_of = peak_of or (lambda step: _cuda_peak(step, self.device))
         tokens = min(config.max_num_batched_tokens, self.max_model_len - 1)
         seqs = config.max_num_seqs
         self._make_pool(-(-tokens // self.block_size) + seqs, enable_prefix_caching=False)
@@ -133,37 +135,15 @@ class ModelRunner:
         batch = [Sequence(f"profile-decode-{i}", [0], params, lambda out: None, self.device) for i in range(seqs)]
         for seq in batch:
             self.block_manager.allocate(seq, 1)
-        peaks = []
-        for step in (lambda: self.prefill([(prompt, tokens)], [True]), lambda: self._decode_eager(batch)):
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            step()
-            torch.cuda.synchronize(self.device)
-            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
-        self.k_caches = self.v_caches = []
-        self.model.k_caches = self.model.v_caches = []
-        self.block_manager = None
-        torch.cuda.empty_cache()
-        return sum(peaks)
-
-    @torch.inference_mode()
-    def capture_decode_graphs(self, decode_streams: list, max_batch: int) -> None:
-        """One set of decode graphs per split, each captured on that split's decode stream: a graph keeps the SMs
-        of the stream it was captured on, whatever stream later replays it. Done once, at start-up."""
-        pool = torch.cuda.graph_pool_handle()
-        sizes = [b for b in GRAPH_BATCH_SIZES if b <= _bucket(max_batch)]
-        started = time.monotonic()
         try:
-            for stream in {_stream_key(s): s for s in decode_streams}.values():
-                for size in sizes:
-                    self.decode_graphs[(_stream_key(stream), size)] = DecodeGraph(self, size, stream, pool)
-        except Exception as exc:  # an engine that decodes eagerly beats one that does not start
-            log.warning("decode CUDA graph capture failed, decoding eagerly: %s", exc)
-            self.decode_graphs.clear()
-            return
-        log.info("captured %d decode CUDA graphs (%d streams x batch sizes %s) in %.1fs", len(self.decode_graphs),
-                 len(self.decode_graphs) // max(1, len(sizes)), sizes, time.monotonic() - started)
+            return (peak_of(lambda: self.prefill([(prompt, tokens)], [True]))
+                    + peak_of(lambda: self._decode_eager(batch)))
+        finally:
+            self.k_caches = self.v_caches = []
+            self.model.k_caches = self.model.v_caches = []
+            self.block_manager = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _tensor(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -217,6 +197,15 @@ class ModelRunner:
             max_seqlen_k=max(positions) + 1, logits_indices=self._tensor(list(range(len(seqs))), torch.int64))
         hidden = self.model(batch)
         return self.model.compute_logits(hidden)
+
+
+def _cuda_peak(step, device) -> int:
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
