@@ -23,7 +23,7 @@ from semipd.runtime.model_runner import ModelRunner
 from semipd.runtime.output import OutputProcessor
 from semipd.runtime.partition import PartitionController, PartitionFileWatcher, emulated_wait, make_backend
 from semipd.runtime.recent import RecentSamples
-from semipd.runtime.sampling import SamplingParams, sample
+from semipd.runtime.sampling import SamplingParams, sample_step
 from semipd.runtime.scheduler import EngineOverloaded, Scheduler
 from semipd.runtime.sequence import RequestOutput, Sequence
 
@@ -187,7 +187,7 @@ class Engine:
         with _on_stream(stream):
             logits = self.runner.prefill(chunks, done)
             ended = [seq for (seq, _), d in zip(chunks, done) if d]
-            tokens = sample(logits, [s.params for s in ended], [s.generator for s in ended]) if ended else []
+            tokens = sample_step(logits, ended) if ended else []
             event = _record_event(stream)
             if stream is not None and not ended:
                 # Sampling waits for the step's GPU work; a step of partial chunks must wait too, or the next
@@ -219,7 +219,7 @@ class Engine:
                     _wait_event(stream, seq.ready_event)
                     seq.ready_event = None
             logits = self.runner.decode(batch, stream)
-            tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
+            tokens = sample_step(logits, batch)
         self._emulate_share("decode", split, time.monotonic() - started)
         self.metrics.step("decode", time.monotonic() - started, len(batch))
         self.scheduler.decoded(batch, tokens, self.output.append_token)

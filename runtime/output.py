@@ -5,6 +5,7 @@ import time
 from semipd.runtime.detokenizer import Detokenizer
 from semipd.runtime.metrics import EngineMetrics
 from semipd.runtime.recent import RecentSamples
+from semipd.runtime.sampling import Sampled
 from semipd.runtime.sequence import RequestOutput, Sequence
 
 
@@ -17,12 +18,15 @@ class OutputProcessor:
         self.metrics = metrics
         self.recent = recent
 
-    def append_token(self, seq: Sequence, token: int) -> str | None:
+    def append_token(self, seq: Sequence, sampled: Sampled) -> str | None:
         """Record a sampled token and stream what can be streamed; the finish reason when it ends the request
         (the final output is then sent by `finished`)."""
         now = time.monotonic()
+        token = sampled.token
         seq.output_token_ids.append(token)
         seq.pending_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(sampled.logprobs)
         self.metrics.generation_tokens.inc()
         self.recent.count("output_tokens")
         if seq.first_token_time is None:
@@ -61,6 +65,7 @@ class OutputProcessor:
     def _emit(self, seq: Sequence, finished: bool):
         text = self.detokenizer.releasable(seq, finished)
         ids, seq.pending_ids = seq.pending_ids, []
+        logprobs, seq.pending_logprobs = seq.pending_logprobs, []
         seq.on_output(RequestOutput(seq.request_id, ids, text, finished, seq.finish_reason,
                                     len(seq.prompt_token_ids), len(seq.output_token_ids),
-                                    seq.num_cached_tokens or 0))
+                                    seq.num_cached_tokens or 0, logprobs))

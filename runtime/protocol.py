@@ -2,7 +2,7 @@
 
 Validation is strict on purpose: a wrongly typed field ("max_tokens": "5", "stream": 1) is a 400 naming the
 field, never silently coerced. Unknown fields are ignored (OpenAI SDKs and benchmark clients send extras);
-known features this engine does not implement (logprobs, penalties, tools, echo, n > 1) are refused clearly
+known features this engine does not implement (tools, response_format, best_of, suffix) are refused clearly
 when asked for, and accepted at their neutral values.
 """
 import json
@@ -12,23 +12,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from semipd.runtime.sampling import SamplingParams
+from semipd.runtime.sampling import MAX_LOGPROBS, SamplingParams
 
 # OpenAI's own default for /v1/completions; chat defaults to whatever still fits (see resolve_max_tokens).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+MAX_N = 16                     # choices per prompt
+MAX_PROMPTS = 64               # prompts in one completions request
 
 # Accepted only at these values: anything else would change what a client expects back.
 NEUTRAL_VALUES: dict[str, tuple] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
@@ -78,20 +73,18 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)           # choices per prompt (seeded choices use seed, seed + 1, ...)
     user: str | None = None                     # accepted and ignored
     return_token_ids: bool = False              # vLLM extension: token ids beside the text (each chunk's own, streamed)
 
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)   # vLLM extension
+    logit_bias: dict[str, float] | None = None
+
     # Unimplemented features, accepted only at NEUTRAL_VALUES.
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
     best_of: Any = None
     suffix: Any = None
-    logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
     response_format: Any = None
@@ -116,12 +109,19 @@ class _Common(BaseModel):
             raise ValueError("token ids must be >= 0")
         return v or []
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _n(cls, v):
-        if v != 1:
-            raise ValueError("only n=1 is supported; send several requests for several choices")
-        return v
+    def _logit_bias(cls, v):
+        if not v:
+            return {}
+        out = {}
+        for key, bias in v.items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
+            out[int(key)] = float(bias)
+        return out
 
     @model_validator(mode="after")
     def _neutral_and_stream(self):
@@ -145,6 +145,11 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many alternatives to report per token; None: no logprobs."""
+        return None
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         try:
             return SamplingParams(
@@ -156,31 +161,45 @@ class _Common(BaseModel):
                 stop=list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias=dict(self.logit_bias or {}),
+                logprobs=self.num_logprobs,
             )
         except ValueError as e:
             raise bad_request(str(e)) from None
 
 
 class CompletionRequest(_Common):
-    # str, [token ids], or a one-element list of either; several prompts are refused (n=1 per request).
+    # str, [token ids], or a list of either (several prompts: choices are numbered prompt by prompt)
     prompt: Any = Field(...)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-            v = v[0]
-        if isinstance(v, str):
-            return v
-        if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-            if any(t < 0 for t in v):
-                raise ValueError("token ids must be >= 0")
-            return v
-        if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
-            raise ValueError("several prompts in one request are not supported; send one request per prompt")
-        if isinstance(v, list) and not v:
-            raise ValueError("must not be empty")
-        raise ValueError("must be a string or a list of token ids")
+    def _prompt(cls, v) -> list:
+        """Always a list of prompts, each a string or a list of token ids."""
+        def one(p):
+            if isinstance(p, str):
+                return p
+            if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                if any(t < 0 for t in p):
+                    raise ValueError("token ids must be >= 0")
+                return p
+            if isinstance(p, list) and not p:
+                raise ValueError("must not be empty")
+            raise ValueError("must be a string, a list of token ids, or a list of either")
+        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
+            return [one(p) for p in v]
+        return [one(v)]
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -213,6 +232,18 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs set to true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse_request(raw: bytes, model: type[_Common]) -> _Common:
@@ -283,28 +314,30 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 class ResponseShape:
-    """Bodies for one request: the same id/created/model on every chunk."""
+    """Bodies for one request: the same id/created/model on every chunk; choices are numbered prompt by prompt,
+    n per prompt."""
 
     def __init__(self, chat: bool, model: str, include_usage: bool = False, return_token_ids: bool = False):
         self.chat, self.model, self.include_usage = chat, model, include_usage
         self.return_token_ids = return_token_ids
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
-        self._role_sent = False
+        self._role_sent: set[int] = set()
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None, token_ids: list[int] = ()) -> dict:
+    def chunk(self, index: int, text: str, finish_reason: str | None, token_ids: list[int] = (),
+              logprobs: dict | None = None) -> dict:
         if self.chat:
-            delta = {} if self._role_sent else {"role": "assistant"}
-            if text or not self._role_sent:
+            delta = {} if index in self._role_sent else {"role": "assistant"}
+            if text or index not in self._role_sent:
                 delta["content"] = text
-            self._role_sent = True
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            self._role_sent.add(index)
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._head("chat.completion.chunk") | {"choices": [choice]}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._head("text_completion") | {"choices": [choice]}
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids)
@@ -312,24 +345,51 @@ class ResponseShape:
             body["usage"] = None            # OpenAI: every chunk but the last carries "usage": null
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    def usage_chunk(self, usage_body: dict) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._head(obj) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+        return self._head(obj) | {"choices": [], "usage": usage_body}
 
-    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
-             cached_tokens: int = 0, token_ids: list[int] | None = None,
-             prompt_token_ids: list[int] | None = None) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
+               token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason}
-            obj = "chat.completion"
+            choice = {"index": index, "message": {"role": "assistant", "content": text},
+                      "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            obj = "text_completion"
-        if token_ids is not None:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if self.return_token_ids:
             choice |= {"token_ids": token_ids, "prompt_token_ids": prompt_token_ids}
-        return self._head(obj) | {"choices": [choice],
-                                  "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+        return choice
+
+    def full(self, choices: list[dict], usage_body: dict) -> dict:
+        obj = "chat.completion" if self.chat else "text_completion"
+        return self._head(obj) | {"choices": choices, "usage": usage_body}
+
+
+LOGPROB_FLOOR = -9999.0        # what JSON gets instead of -inf (as vLLM sends)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
+    """OpenAI's chat logprobs object from (token text, logprob, [(alternative text, logprob)]) per token."""
+    def item(text, logprob):
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8", "replace"))}
+    return {"content": [item(t, lp) | {"top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int) -> dict:
+    """The legacy completions logprobs object; text offsets count from `offset` (what came before)."""
+    body = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for text, logprob, top in entries:
+        body["tokens"].append(text)
+        body["token_logprobs"].append(_finite(logprob))
+        body["top_logprobs"].append({a: _finite(b) for a, b in top})
+        body["text_offset"].append(offset)
+        offset += len(text)
+    return body
 
 
 def sse(data: dict | str) -> bytes:

@@ -159,11 +159,11 @@ class Scheduler:
             self.metrics.queue_time.observe(seq.admitted_time - seq.arrival_time)
         return n
 
-    def prefilled(self, chunks: list[tuple[Sequence, int]], first_tokens: dict[Sequence, int],
-                  append_token: Callable[[Sequence, int], str | None]) -> None:
+    def prefilled(self, chunks: list[tuple[Sequence, int]], first_tokens: dict,
+                  append_token: Callable[[Sequence, object], str | None]) -> None:
         """After a prefill step: the chunks' KV is in the pool (offered to the prefix cache); each prompt that
-        ended gets its first token (`append_token` records it and says whether that ends the request) and goes
-        to the decode worker."""
+        ended gets its first token (what the sampler gave: `append_token` records it and says whether that ends
+        the request) and goes to the decode worker."""
         with self.lock:
             for seq, n in chunks:
                 seq.num_computed_tokens += n
@@ -201,8 +201,8 @@ class Scheduler:
                         break
             return list(self.running)
 
-    def decoded(self, batch: list[Sequence], tokens: list[int],
-                append_token: Callable[[Sequence, int], str | None]) -> None:
+    def decoded(self, batch: list[Sequence], tokens: list,
+                append_token: Callable[[Sequence, object], str | None]) -> None:
         with self.lock:
             for seq, token in zip(batch, tokens):
                 if seq.status != Status.DECODE:      # finished (a worker error) or preempted meanwhile

@@ -28,6 +28,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int          # cumulative
     cached_tokens: int = 0          # prompt tokens served from the prefix cache
+    logprobs: list | None = None    # with params.logprobs: a TokenLogprobs per token of token_ids
 
 
 _order = itertools.count()
@@ -62,6 +63,7 @@ class Sequence:
         self.prefix_offset = 0
         self.read_offset = 0
         self.pending_ids: list[int] = []              # token ids produced but not yet sent
+        self.pending_logprobs: list = []              # their TokenLogprobs (params.logprobs only)
         # timings for metrics
         self.arrival_time = time.monotonic()
         self.admitted_time: float | None = None

@@ -14,7 +14,7 @@ import json
 import logging
 import signal
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from semipd.runtime.config import EngineConfig, ServerConfig
 from semipd.runtime.engine import Engine, EngineOverloaded
 from semipd.runtime.loader import ModelLoadError
 from semipd.runtime.partition import PartitionError
+from semipd.runtime.choices import ChoiceRenderer, Choices
 from semipd.runtime.protocol import (
     COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest, ResponseShape,
     bad_request, error_body, parse_request, resolve_max_tokens, sse,
@@ -116,11 +117,14 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     async def completions(request: Request):
         req = parse_request(await request.body(), CompletionRequest)
         check_model(req.model)
-        if isinstance(req.prompt, str):
-            ids = encode(req.prompt, "prompt", add_special_tokens=True)
-        else:
-            ids = list(req.prompt)
-        return await generate(request, req, ids, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo: not supported together with logprobs (the prompt's logprobs are not "
+                              "computed)", "echo")
+        prompts = [encode(p, "prompt", add_special_tokens=True) if isinstance(p, str) else list(p)
+                   for p in req.prompt]
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompt] if req.echo else None
+        return await generate(request, req, prompts, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False,
+                              echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -134,7 +138,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         except Exception as e:      # the template itself may reject a conversation (e.g. role order)
             raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
         ids = encode(text, "messages", add_special_tokens=False)
-        return await generate(request, req, ids, "messages", None, chat=True)
+        return await generate(request, req, [ids], "messages", None, chat=True)
 
     def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
         try:
@@ -148,41 +152,52 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                                 f"'{engine.model_name}'", type="not_found_error", param="model",
                            code="model_not_found")
 
-    async def generate(request: Request, req, ids: list[int], prompt_param: str, default_cap, chat: bool):
-        if not ids:
-            raise bad_request(f"{prompt_param}: must not be empty", prompt_param)
-        if max(ids) > max_token_id:
-            raise bad_request(f"{prompt_param}: token id {max(ids)} is outside the vocabulary "
-                              f"(largest id {max_token_id})", prompt_param)
+    async def generate(request: Request, req, prompts: list[list[int]], prompt_param: str, default_cap,
+                       chat: bool, echo: list[str] | None = None):
+        """Every request's path to the engine: n choices per prompt, each its own engine request."""
+        for key in (req.logit_bias or {}):
+            if key > max_token_id:
+                raise bad_request(f"logit_bias: token id {key} is outside the vocabulary (largest id "
+                                  f"{max_token_id})", "logit_bias")
         if req.stop_token_ids and max(req.stop_token_ids) > max_token_id:
             raise bad_request(f"stop_token_ids: token id {max(req.stop_token_ids)} is outside the vocabulary "
                               f"(largest id {max_token_id})", "stop_token_ids")
-        max_tokens = resolve_max_tokens(req.requested_max_tokens, len(ids), engine.max_model_len, default_cap,
-                                        prompt_param)
-        params = req.sampling_params(max_tokens)
-        try:
-            engine.validate(ids, params)
-        except ValueError as e:
-            raise bad_request(str(e), prompt_param) from None
+        specs = []
+        for p, ids in enumerate(prompts):
+            if not ids:
+                raise bad_request(f"{prompt_param}: must not be empty", prompt_param)
+            if max(ids) > max_token_id:
+                raise bad_request(f"{prompt_param}: token id {max(ids)} is outside the vocabulary "
+                                  f"(largest id {max_token_id})", prompt_param)
+            max_tokens = resolve_max_tokens(req.requested_max_tokens, len(ids), engine.max_model_len, default_cap,
+                                            prompt_param)
+            params = req.sampling_params(max_tokens)
+            try:
+                engine.validate(ids, params)
+            except ValueError as e:
+                raise bad_request(str(e), prompt_param) from None
+            for i in range(req.n):
+                # seeded choices must differ from each other, and each still repeats with the same seed
+                seeded = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+                specs.append((p * req.n + i, ids, seeded))
 
         shape = ResponseShape(chat, engine.model_name, req.include_usage, req.return_token_ids)
-        log.info("request %s: %d prompt tokens, max_tokens %d, stream %s", shape.id, len(ids), max_tokens,
-                 req.stream)
-        outputs = engine.generate(shape.id, ids, params)
+        log.info("request %s: %d prompt(s) of %s tokens, n %d, max_tokens %d, stream %s", shape.id, len(prompts),
+                 "/".join(str(len(ids)) for ids in prompts[:4]), req.n, specs[0][2].max_tokens, req.stream)
+        choices = Choices(engine, shape.id, specs)
+        render = ChoiceRenderer(chat, tokenizer, prompts, req.n, echo)
         if req.stream:
             # Wait for the first output before sending headers: a full queue must still be able to say 503.
-            first = await until_disconnect(request, anext_or_none(outputs))
-            if first is None and await request.is_disconnected():
+            first = await until_disconnect(request, choices.open())
+            if first is None:
                 return Response(status_code=499)
-            return StreamingResponse(stream(shape, first, outputs), media_type="text/event-stream",
+            return StreamingResponse(stream(shape, choices, render, first), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await until_disconnect(request, collect(outputs))
+        result = await until_disconnect(request, choices.collect())
         if result is None:
             return Response(status_code=499)
-        text, token_ids, finish, prompt_tokens, completion_tokens, cached = result
-        if req.return_token_ids:
-            return shape.full(text, finish, prompt_tokens, completion_tokens, cached, token_ids, ids)
-        return shape.full(text, finish, prompt_tokens, completion_tokens, cached)
+        bodies = [shape.choice(index, *render.full(index, outs)) for index, outs in sorted(result.items())]
+        return shape.full(bodies, render.usage(result))
 
     async def until_disconnect(request: Request, coro):
         """Run coro, cancelling it (and so aborting the engine request) if the client goes away first."""
@@ -202,38 +217,23 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             if not task.done():      # the handler itself was cancelled
                 task.cancel()
 
-    async def anext_or_none(outputs):
-        return await anext(outputs, None)
-
-    async def collect(outputs):
-        parts, token_ids, last = [], [], None
-        async for last in outputs:
-            parts.append(last.text)
-            token_ids += last.token_ids
-        if last is None:
-            return "", [], "abort", 0, 0, 0
-        return (
-            "".join(parts), token_ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-            last.cached_tokens)
-
-    async def stream(shape: ResponseShape, first, outputs):
+    async def stream(shape: ResponseShape, choices: "Choices", render: "ChoiceRenderer", first):
         # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)
         # are folded into the next chunk, so every chunk a client sees carries at least one token.
-        last, held_ids = None, []
+        held: dict[int, list] = {}
         try:
-            pending = [first] if first is not None else []
-            async for out in _chain(pending, outputs):
-                last = out
-                held_ids += out.token_ids
+            async for index, out in choices.follow(first):
+                held.setdefault(index, []).append(out)
                 if out.text or out.finished:
-                    yield sse(shape.chunk(out.text, out.finish_reason if out.finished else None, held_ids))
-                    held_ids = []
+                    yield sse(shape.chunk(index, *render.chunk(index, held.pop(index))))
         except Exception:
             log.exception("request %s failed while streaming", shape.id)
             yield sse(error_body("internal error while generating", "server_error"))
         else:
-            if shape.include_usage and last is not None:
-                yield sse(shape.usage_chunk(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
+            if shape.include_usage:
+                yield sse(shape.usage_chunk(render.usage(choices.last)))
+        finally:
+            choices.abort()
         yield sse("[DONE]")
 
     # --- operations -----------------------------------------------------------------------------------------
@@ -303,13 +303,6 @@ def parse_partition(raw: bytes) -> dict:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad_request("prefill: must be a number (SMs, or a fraction in (0, 1))", "prefill")
     return {"prefill": value}
-
-
-async def _chain(first: list, rest):
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
 
 
 class _Server(uvicorn.Server):

@@ -67,3 +67,34 @@ def test_a_vanishing_temperature_is_greedy_not_a_crash():
     params = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-6), SamplingParams(temperature=0)]
     assert all(p.greedy for p in params)
     assert sample(logits, params, [None, gen(1), None]) == logits.argmax(-1).tolist()
+
+
+def _expected(probs, top_k, top_p):
+    """The kept distribution by definition: top-k, renormalise, keep while the mass before is below top_p."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept = order[:top_k] if top_k > 0 else order
+    mass = sum(probs[i] for i in kept)
+    out, before = {}, 0.0
+    for i in kept:
+        if before >= top_p * mass and out:
+            break
+        out[i] = probs[i]
+        before += probs[i]
+    total = sum(out.values())
+    return {i: v / total for i, v in out.items()}
+
+
+@pytest.mark.parametrize("candidates", [1024, 3])      # 3: every nucleus is wider, so the full-sort path runs
+@pytest.mark.parametrize("top_k,top_p", [(-1, 0.7), (5, 1.0), (6, 0.5), (-1, 1.0)])
+def test_draws_follow_the_top_k_top_p_distribution(monkeypatch, candidates, top_k, top_p):
+    import semipd.runtime.sampling as sampling
+    monkeypatch.setattr(sampling, "TOP_CANDIDATES", candidates)
+    probs = [0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.02]
+    logits = torch.tensor(probs).log().repeat(4000, 1)
+    params = [SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)] * 4000
+    torch.manual_seed(0)
+    drawn = sample(logits, params, [None] * 4000)
+    expected = _expected(probs, top_k, top_p)
+    assert set(drawn) <= set(expected)
+    for token, p in expected.items():
+        assert abs(drawn.count(token) / 4000 - p) < 0.03, (token, drawn.count(token) / 4000, p)
