@@ -29,6 +29,7 @@ class Row:
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     generator: object = None
+    grammar: object = None
 
 
 CASES = {

@@ -54,6 +54,8 @@ class Engine:
         self.output = OutputProcessor(self.tokenizer, set(self.runner.model_config.eos_token_ids),
                                       self.max_model_len, self.metrics, self.recent)
         self.scheduler = Scheduler(config, self.block_manager, self.metrics, self.recent, self._finished)
+        self._guided = None
+        self._guided_lock = threading.Lock()
         backend = make_backend(config.partition_backend, self.runner.device)
         if config.emulate_sm_share and backend.name != "cpu":
             raise ValueError(f"--emulate-sm-share is for the cpu partition backend only (this engine uses "
@@ -116,6 +118,8 @@ class Engine:
                     on_output: Callable[[RequestOutput], None]) -> None:
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, prompt_token_ids, params, on_output, self.runner.device)
+        if params.guided is not None:
+            seq.grammar = self.guided.matcher(params.guided)
         self.scheduler.add(seq)
         n = len(prompt_token_ids)
         self.metrics.arrivals.inc()
@@ -144,6 +148,15 @@ class Engine:
         """Drop a request. Queued ones go at once; a running one is freed at its worker's next iteration."""
         self.scheduler.abort(request_id)
         self._update_gauges()
+
+    @property
+    def guided(self):
+        """Structured output (runtime/guided.py), set up on first use: reading the vocabulary takes a while."""
+        with self._guided_lock:
+            if self._guided is None:
+                from semipd.runtime.guided import GuidedDecoding
+                self._guided = GuidedDecoding(self.tokenizer, self.runner.model_config.vocab_size)
+            return self._guided
 
     def num_unfinished(self) -> int:
         with self.scheduler.lock:

@@ -41,7 +41,7 @@ class OutputProcessor:
         if self.detokenizer.add_token(seq):
             return "stop"
         reason = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or sampled.grammar_done:
             reason = "stop"
         elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"

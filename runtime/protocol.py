@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from semipd.runtime.guided import GuidedSpec
 from semipd.runtime.sampling import MAX_LOGPROBS, SamplingParams
 
 # OpenAI's own default for /v1/completions; chat defaults to whatever still fits (see resolve_max_tokens).
@@ -26,7 +27,6 @@ NEUTRAL_VALUES: dict[str, tuple] = {
     "suffix": (None, ""),
     "tools": (None, []),
     "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}),
 }
 
 
@@ -82,12 +82,18 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2)   # vLLM extension
     logit_bias: dict[str, float] | None = None
 
+    # Structured output: OpenAI's response_format, or one of vLLM's guided_* extras.
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
     # Unimplemented features, accepted only at NEUTRAL_VALUES.
     best_of: Any = None
     suffix: Any = None
     tools: Any = None
     tool_choice: Any = None
-    response_format: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -148,6 +154,51 @@ class _Common(BaseModel):
     @property
     def num_logprobs(self) -> int | None:
         """How many alternatives to report per token; None: no logprobs."""
+        return None
+
+    @model_validator(mode="after")
+    def _one_structured_output(self):
+        asked = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            asked.append("response_format")
+        if len(asked) > 1:
+            raise ValueError(f"{asked[1]}: only one kind of structured output per request (also got {asked[0]})")
+        self.guided_spec                        # its own checks: a 400 now, not at compile time
+        return self
+
+    @property
+    def guided_spec(self) -> "GuidedSpec | None":
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "text":
+                return None
+            if kind == "json_object":
+                return GuidedSpec("json_object", "")
+            if kind == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise ValueError("response_format: json_schema needs {\"json_schema\": {\"name\": ..., "
+                                     "\"schema\": {...}}}")
+                return GuidedSpec("json", json.dumps(schema))
+            raise ValueError(f"response_format: type must be text, json_object or json_schema, got {kind!r}")
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError:
+                    raise ValueError("guided_json: a string must hold a JSON schema") from None
+            return GuidedSpec("json", json.dumps(schema))
+        if self.guided_regex is not None:
+            return GuidedSpec("regex", self.guided_regex)
+        if self.guided_choice is not None:
+            if not self.guided_choice or any(not c for c in self.guided_choice):
+                raise ValueError("guided_choice: must be a list of non-empty strings")
+            return GuidedSpec("choice", json.dumps(self.guided_choice))
+        if self.guided_grammar is not None:
+            return GuidedSpec("grammar", self.guided_grammar)
         return None
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:

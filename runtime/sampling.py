@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from semipd.runtime.guided import advance, apply_grammar_masks
+
 GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20              # top alternatives a request may ask for (OpenAI's top_logprobs limit)
 
@@ -24,6 +26,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # divides positive, multiplies negative logits of prompt and output tokens
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
     logprobs: int | None = None       # None: none; k: the sampled token's logprob and the k most likely
+    guided: object = None             # a compiled grammar (runtime/guided.py) the output must follow
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -206,15 +209,21 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], params: list[SamplingPa
 class Sampled:
     token: int
     logprobs: TokenLogprobs | None = None
+    grammar_done: bool = False        # the request's grammar is complete: nothing may follow
 
 
 def sample_step(logits: torch.Tensor, seqs) -> list[Sampled]:
-    """One worker step's sampling for its sequences (anything with params, generator, prompt_token_ids and
-    output_token_ids): histories are gathered only when a row is penalized, logprobs only when one asks."""
+    """One worker step's sampling for its sequences (anything with params, generator, grammar, prompt_token_ids
+    and output_token_ids): grammar masks first (filled on the CPU while the device may still be computing),
+    histories gathered only when a row is penalized, logprobs only when one asks."""
     params = [s.params for s in seqs]
+    matchers = [s.grammar for s in seqs]
+    constrained = any(m is not None for m in matchers)
+    masked = apply_grammar_masks(logits, matchers) if constrained else logits
     histories = ([(s.prompt_token_ids, s.output_token_ids) for s in seqs]
                  if any(p.penalized for p in params) else None)
-    tokens = sample(logits, params, [s.generator for s in seqs], histories)
-    if not any(p.logprobs is not None for p in params):
-        return [Sampled(t) for t in tokens]
-    return [Sampled(t, lp) for t, lp in zip(tokens, logprobs_of(logits, tokens, params))]
+    tokens = sample(masked, params, [s.generator for s in seqs], histories)
+    done = advance(matchers, tokens) if constrained else [False] * len(tokens)
+    logprobs = (logprobs_of(logits, tokens, params) if any(p.logprobs is not None for p in params)
+                else [None] * len(tokens))
+    return [Sampled(t, lp, d) for t, lp, d in zip(tokens, logprobs, done)]

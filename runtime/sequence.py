@@ -54,6 +54,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.ready_event = None                        # CUDA event the decode worker waits on after handoff
         self.generator = None
+        self.grammar = None                            # xgrammar matcher when the output must follow a grammar
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed)

@@ -162,6 +162,14 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         if req.stop_token_ids and max(req.stop_token_ids) > max_token_id:
             raise bad_request(f"stop_token_ids: token id {max(req.stop_token_ids)} is outside the vocabulary "
                               f"(largest id {max_token_id})", "stop_token_ids")
+        grammar = None
+        if req.guided_spec is not None:         # compiled off the event loop: a big schema takes a while
+            param = next(name for name in ("response_format", "guided_json", "guided_regex", "guided_choice",
+                                           "guided_grammar") if getattr(req, name) is not None)
+            try:
+                grammar = await asyncio.to_thread(engine.guided.compile, req.guided_spec)
+            except ValueError as e:
+                raise bad_request(f"{param}: {e}", param) from None
         specs = []
         for p, ids in enumerate(prompts):
             if not ids:
@@ -171,7 +179,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                                   f"(largest id {max_token_id})", prompt_param)
             max_tokens = resolve_max_tokens(req.requested_max_tokens, len(ids), engine.max_model_len, default_cap,
                                             prompt_param)
-            params = req.sampling_params(max_tokens)
+            params = replace(req.sampling_params(max_tokens), guided=grammar)
             try:
                 engine.validate(ids, params)
             except ValueError as e:

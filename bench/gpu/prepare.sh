@@ -8,12 +8,13 @@
 # Versions are the ones installed here, where the test suite passes with them. The image already has httpx,
 # anyio, h11, click, prometheus-client, torch, triton, transformers, tokenizers, safetensors, jinja2, pyyaml and
 # cuda-bindings (bench/gpu/image-packages.txt). typing-extensions is there too, but pydantic needs >= 4.16, newer
-# than the image may have, so it travels. kopf and kubernetes are only for the operator, which nothing here runs.
+# than the image may have, so it travels. xgrammar (structured output) and its apache-tvm-ffi travel too.
+# kopf and kubernetes are only for the operator, which nothing here runs.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 dest="${1:-$root/.whl}"
 packages=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection typing-extensions uvicorn
-          opentelemetry-api)
+          opentelemetry-api xgrammar apache-tvm-ffi)
 limit=$((64 * 1024 * 1024))
 
 pins=()
