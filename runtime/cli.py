@@ -77,6 +77,9 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the sampler of requests without their own 'seed': the same requests in the same "
                         "order sample the same tokens on a restarted server")
+    p.add_argument("--tool-call-parser", default="auto", choices=["auto", "llama3_json", "hermes", "mistral"],
+                   help="how tool calls are read from the model's reply; auto: by architecture (Llama: "
+                        "llama3_json, Qwen: hermes, Mistral: mistral)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -130,7 +133,8 @@ def serve(args) -> int:
                                          engine_config.model)
     server_config = ServerConfig(host=args.host, port=args.port, admin_token=_admin_token(args.admin_token_file),
                                  admin_token_file=args.admin_token_file,
-                                 graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+                                 graceful_timeout=args.graceful_timeout, log_level=args.log_level,
+                                 tool_call_parser=args.tool_call_parser)
     from semipd.runtime.server import serve as run_server
     return run_server(engine_config, server_config)
 

@@ -120,5 +120,6 @@ class ServerConfig:
     admin_token: str | None = None              # from --admin-token-file or SEMIPD_ADMIN_TOKEN
     admin_token_file: str | None = None         # re-read when it changes (a re-created Secret)
     graceful_timeout: float = 30.0              # seconds in-flight requests get after SIGTERM
+    tool_call_parser: str = "auto"              # auto (by architecture) | llama3_json | hermes | mistral
     log_level: str = "info"
     extra: dict = field(default_factory=dict)

@@ -38,7 +38,8 @@ class GuidedDecoding:
         try:
             with self._lock:
                 if spec.kind == "json":
-                    return compiler.compile_json_schema(spec.value, strict_mode=True)
+                    # compact JSON: with free whitespace small models wander off into blank runs
+                    return compiler.compile_json_schema(spec.value, strict_mode=True, any_whitespace=False)
                 if spec.kind == "json_object":
                     return compiler.compile_builtin_json_grammar()
                 if spec.kind == "regex":

@@ -25,8 +25,6 @@ MAX_PROMPTS = 64               # prompts in one completions request
 NEUTRAL_VALUES: dict[str, tuple] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
 }
 
 
@@ -92,8 +90,6 @@ class _Common(BaseModel):
     # Unimplemented features, accepted only at NEUTRAL_VALUES.
     best_of: Any = None
     suffix: Any = None
-    tools: Any = None
-    tool_choice: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -258,6 +254,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
     name: str | None = None
+    tool_calls: list[dict] | None = None        # an assistant's earlier calls
+    tool_call_id: str | None = None             # a tool message answers this call
 
     @field_validator("content")
     @classmethod
@@ -278,13 +276,75 @@ class ChatMessage(BaseModel):
         out = {"role": self.role, "content": self.content or ""}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls:
+            # templates render arguments with `tojson`: give them the object, not OpenAI's JSON text
+            out["tool_calls"] = [_template_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def _template_call(call: dict) -> dict:
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": fn}
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None     # false: "required" makes exactly one call
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not isinstance(name, str):
+                raise ValueError('tool_choice: must be "none", "auto", "required" or '
+                                 '{"type": "function", "function": {"name": ...}}')
+            if name not in {t.function.name for t in self.tools or []}:
+                raise ValueError(f"tool_choice: function {name!r} is not among the tools")
+        elif choice == "required" and not self.tools:
+            raise ValueError('tool_choice: "required" needs tools')
+        if self.calls_tools and (self.response_format is not None or self.guided_spec is not None) \
+                and self.effective_tool_choice != "auto":
+            raise ValueError("tool_choice: a forced tool call cannot be combined with response_format or guided_*")
+        return self
+
+    @property
+    def effective_tool_choice(self):
+        """OpenAI's default: auto when tools are given, none without."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.effective_tool_choice != "none"
+
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -381,17 +441,24 @@ class ResponseShape:
     def chunk(self, index: int, text: str, finish_reason: str | None, token_ids: list[int] = (),
               logprobs: dict | None = None) -> dict:
         if self.chat:
-            delta = {} if index in self._role_sent else {"role": "assistant"}
-            if text or index not in self._role_sent:
-                delta["content"] = text
+            return self.chat_delta(index, {"content": text} if text or index not in self._role_sent else {},
+                                   finish_reason, token_ids, logprobs)
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._chunk_body("text_completion", choice, token_ids)
+
+    def chat_delta(self, index: int, delta: dict, finish_reason: str | None, token_ids: list[int] = (),
+                   logprobs: dict | None = None) -> dict:
+        """A chat chunk with this delta (content, or tool calls); the choice's first also says its role."""
+        if index not in self._role_sent:
+            delta = {"role": "assistant", "content": None if "tool_calls" in delta else ""} | delta
             self._role_sent.add(index)
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-            body = self._head("chat.completion.chunk") | {"choices": [choice]}
-        else:
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-            body = self._head("text_completion") | {"choices": [choice]}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._chunk_body("chat.completion.chunk", choice, token_ids)
+
+    def _chunk_body(self, obj: str, choice: dict, token_ids) -> dict:
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids)
+        body = self._head(obj) | {"choices": [choice]}
         if self.include_usage:
             body["usage"] = None            # OpenAI: every chunk but the last carries "usage": null
         return body
@@ -400,11 +467,14 @@ class ResponseShape:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return self._head(obj) | {"choices": [], "usage": usage_body}
 
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
-               token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None) -> dict:
+    def choice(self, index: int, text: str | None, finish_reason: str | None, logprobs: dict | None = None,
+               token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
-            choice = {"index": index, "message": {"role": "assistant", "content": text},
-                      "logprobs": logprobs, "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.return_token_ids:

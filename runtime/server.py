@@ -28,6 +28,7 @@ from semipd.runtime.engine import Engine, EngineOverloaded
 from semipd.runtime.loader import ModelLoadError
 from semipd.runtime.partition import PartitionError
 from semipd.runtime.choices import ChoiceRenderer, Choices
+from semipd.runtime.tools import BY_ARCHITECTURE, ToolReply, forced_call_grammar, make_parser
 from semipd.runtime.protocol import (
     COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest, ResponseShape,
     bad_request, error_body, parse_request, resolve_max_tokens, sse,
@@ -89,6 +90,8 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     tokenizer = engine.tokenizer
     max_token_id = max(tokenizer.get_vocab().values())
     admin_token = AdminToken(server_config.admin_token, server_config.admin_token_file)
+    tool_parser = make_parser(server_config.tool_call_parser if server_config.tool_call_parser != "auto"
+                              else BY_ARCHITECTURE[engine.runner.model_config.architecture])
     policy = engine.config.partition_policy
 
     @app.exception_handler(APIError)
@@ -132,13 +135,20 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         check_model(req.model)
         if not tokenizer.chat_template:
             raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
+        tools = req.tool_dicts() if req.calls_tools else None
         try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tools=tools,
+                                                 tokenize=False, add_generation_prompt=True)
         except Exception as e:      # the template itself may reject a conversation (e.g. role order)
             raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
         ids = encode(text, "messages", add_special_tokens=False)
-        return await generate(request, req, [ids], "messages", None, chat=True)
+        replies = None
+        if tools:
+            choice = req.effective_tool_choice
+            replies = lambda: ToolReply(tools, choice, tool_parser)   # noqa: E731
+        return await generate(request, req, [ids], "messages", None, chat=True, replies=replies,
+                              forced=forced_call_grammar(tools, req.effective_tool_choice,
+                                                         req.parallel_tool_calls is not False) if tools else None)
 
     def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
         try:
@@ -153,8 +163,9 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                            code="model_not_found")
 
     async def generate(request: Request, req, prompts: list[list[int]], prompt_param: str, default_cap,
-                       chat: bool, echo: list[str] | None = None):
-        """Every request's path to the engine: n choices per prompt, each its own engine request."""
+                       chat: bool, echo: list[str] | None = None, replies=None, forced=None):
+        """Every request's path to the engine: n choices per prompt, each its own engine request. `replies`
+        makes each chat choice's ToolReply (tools in play); `forced`: the grammar of a forced tool call."""
         for key in (req.logit_bias or {}):
             if key > max_token_id:
                 raise bad_request(f"logit_bias: token id {key} is outside the vocabulary (largest id "
@@ -162,12 +173,13 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         if req.stop_token_ids and max(req.stop_token_ids) > max_token_id:
             raise bad_request(f"stop_token_ids: token id {max(req.stop_token_ids)} is outside the vocabulary "
                               f"(largest id {max_token_id})", "stop_token_ids")
-        grammar = None
-        if req.guided_spec is not None:         # compiled off the event loop: a big schema takes a while
-            param = next(name for name in ("response_format", "guided_json", "guided_regex", "guided_choice",
-                                           "guided_grammar") if getattr(req, name) is not None)
+        grammar, spec = None, forced or req.guided_spec
+        if spec is not None:                    # compiled off the event loop: a big schema takes a while
+            param = "tools" if forced else next(
+                name for name in ("response_format", "guided_json", "guided_regex", "guided_choice",
+                                  "guided_grammar") if getattr(req, name) is not None)
             try:
-                grammar = await asyncio.to_thread(engine.guided.compile, req.guided_spec)
+                grammar = await asyncio.to_thread(engine.guided.compile, spec)
             except ValueError as e:
                 raise bad_request(f"{param}: {e}", param) from None
         specs = []
@@ -199,12 +211,21 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             first = await until_disconnect(request, choices.open())
             if first is None:
                 return Response(status_code=499)
-            return StreamingResponse(stream(shape, choices, render, first), media_type="text/event-stream",
+            body = stream_tools(shape, choices, render, first, replies) if replies else \
+                stream(shape, choices, render, first)
+            return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         result = await until_disconnect(request, choices.collect())
         if result is None:
             return Response(status_code=499)
-        bodies = [shape.choice(index, *render.full(index, outs)) for index, outs in sorted(result.items())]
+        bodies = []
+        for index, outs in sorted(result.items()):
+            text, finish, *rest = render.full(index, outs)
+            calls = None
+            if replies and finish == "stop":
+                text, found = replies().whole(text)
+                calls, finish = ([c.body() for c in found], "tool_calls") if found else (None, finish)
+            bodies.append(shape.choice(index, text, finish, *rest, tool_calls=calls))
         return shape.full(bodies, render.usage(result))
 
     async def until_disconnect(request: Request, coro):
@@ -234,6 +255,33 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                 held.setdefault(index, []).append(out)
                 if out.text or out.finished:
                     yield sse(shape.chunk(index, *render.chunk(index, held.pop(index))))
+        except Exception:
+            log.exception("request %s failed while streaming", shape.id)
+            yield sse(error_body("internal error while generating", "server_error"))
+        else:
+            if shape.include_usage:
+                yield sse(shape.usage_chunk(render.usage(choices.last)))
+        finally:
+            choices.abort()
+        yield sse("[DONE]")
+
+    async def stream_tools(shape: ResponseShape, choices: "Choices", render: "ChoiceRenderer", first, replies):
+        """A chat stream whose choices may call tools: content deltas until a call starts, then the calls."""
+        per_choice: dict[int, ToolReply] = {}
+        try:
+            async for index, out in choices.follow(first):
+                reply = per_choice.setdefault(index, replies())
+                text, finish, token_ids, logprobs = render.chunk(index, [out])
+                for delta in reply.feed(text):
+                    yield sse(shape.chat_delta(index, delta, None, token_ids, logprobs))
+                    token_ids, logprobs = (), None
+                if out.finished:
+                    deltas, called = reply.finish() if finish == "stop" else ([], False)
+                    if not deltas:
+                        deltas = [{}]
+                    for delta in deltas[:-1]:
+                        yield sse(shape.chat_delta(index, delta, None))
+                    yield sse(shape.chat_delta(index, deltas[-1], "tool_calls" if called else finish))
         except Exception:
             log.exception("request %s failed while streaming", shape.id)
             yield sse(error_body("internal error while generating", "server_error"))

@@ -79,7 +79,12 @@ CASES = {
                                        "max_completion_tokens"),
     "chat top_p string": (CHAT, {"messages": MSG, "top_p": "high"}, 400, "top_p"),
     "chat unknown model": (CHAT, {"messages": MSG, "model": "nope"}, 404, "model"),
-    "chat tools unsupported": (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
+    "chat tool without a function": (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400,
+                                     "tools[0].function"),
+    "chat tool_choice names no tool": (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {
+        "name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}, 400, "tool_choice"),
+    "chat tool_choice required without tools": (CHAT, {"messages": MSG, "tool_choice": "required"}, 400,
+                                                "tool_choice"),
     # JSON allows a lone surrogate escape; no tokenizer can encode it
     "prompt lone surrogate": (COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400, "prompt"),
     "chat lone surrogate": (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages"),
