@@ -163,15 +163,19 @@ class Scheduler:
                   append_token: Callable[[Sequence, object], str | None]) -> None:
         """After a prefill step: the chunks' KV is in the pool (offered to the prefix cache); each prompt that
         ended gets its first token (what the sampler gave: `append_token` records it and says whether that ends
-        the request) and goes to the decode worker."""
+        the request) and goes to the decode worker.
+
+        Only the prefill worker touches a prompt in prefill, so its counts and its output are processed outside
+        the lock (detokenizing and streaming must not hold up the decode worker or the server); the lock is
+        taken only to move requests between queues."""
+        for seq, n in chunks:
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+        reasons = {seq: append_token(seq, token) for seq, token in first_tokens.items() if not seq.aborted}
         with self.lock:
-            for seq, n in chunks:
-                seq.num_computed_tokens += n
-                self.block_manager.register_computed(seq)
-            for seq, token in first_tokens.items():
-                if seq.aborted:
+            for seq, reason in reasons.items():
+                if seq.finished:
                     continue
-                reason = append_token(seq, token)
                 if reason:
                     self.finish(seq, reason)
                 else:
@@ -203,17 +207,16 @@ class Scheduler:
 
     def decoded(self, batch: list[Sequence], tokens: list,
                 append_token: Callable[[Sequence, object], str | None]) -> None:
+        """After a decode step; as in `prefilled`, the output is processed outside the lock (only the decode
+        worker touches the requests in its batch)."""
+        live = [(seq, token) for seq, token in zip(batch, tokens) if seq.status == Status.DECODE]
+        for seq, _ in live:
+            seq.num_computed_tokens += 1
+            self.block_manager.register_computed(seq)
+        reasons = [(seq, "abort" if seq.aborted else append_token(seq, token)) for seq, token in live]
         with self.lock:
-            for seq, token in zip(batch, tokens):
-                if seq.status != Status.DECODE:      # finished (a worker error) or preempted meanwhile
-                    continue
-                seq.num_computed_tokens += 1
-                self.block_manager.register_computed(seq)
-                if seq.aborted:
-                    self.finish(seq, "abort")
-                    continue
-                reason = append_token(seq, token)
-                if reason:
+            for seq, reason in reasons:
+                if reason and not seq.finished:
                     self.finish(seq, reason)
             self.lock.notify_all()
 
