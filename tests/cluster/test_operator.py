@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from semipd.operator import builders, crd, names, spec as specs
+from semipd.operator import builders, crd, names, spec as specs, tokens
 from semipd.operator.kube import ApiError, Kube
 from semipd.operator.testing import FakeKubelet, OperatorProcess, free_port, poll
 
@@ -138,7 +138,11 @@ def test_children_status_conditions_and_events(kube, namespace, operator):
     assert dep["spec"]["replicas"] == 2
     assert dep["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION] == spd["status"]["podTemplateHash"]
     assert svc["spec"]["selector"] == {names.SERVICE_LABEL: "chat"}
-    assert len(base64.b64decode(secret["data"]["token"])) >= 32
+    # The token is derived from the operator's key and this object's identity (never read back from the Secret).
+    key = base64.b64decode(kube.get("v1", "secrets", namespace, "semipd-token-key")["data"]["key"])
+    assert len(key) >= 32
+    assert base64.b64decode(secret["data"]["token"]).decode() == tokens.derive_admin_token(
+        key, namespace, "chat", created["metadata"]["uid"])
 
     # kopf keeps its state under semipd.io, never under its own domain or in status.
     annotations = poll(lambda: (a := get_spd(kube, namespace, "chat")["metadata"].get("annotations") or {}).get(
@@ -369,6 +373,8 @@ def test_children_deleted_by_hand_come_back(kube, namespace, operator):
             return obj if obj and obj["metadata"]["uid"] != old["metadata"]["uid"] else None
         new = poll(back, WAIT, what=f"{plural}/{name} re-created", log=operator.log)
         assert new["metadata"]["ownerReferences"] == old["metadata"]["ownerReferences"]
+        if plural == "secrets":  # derived, so the same token: running pods keep working
+            assert new["data"] == old["data"]
 
 
 def test_killing_the_operator_anywhere_converges_without_duplicates(kube, namespace, start_operator):
@@ -459,14 +465,29 @@ def test_a_foreign_child_is_not_taken_over(kube, namespace, operator):
     poll(lambda: operator.log().count("Timer 'refresh' succeeded") >= ticks + 2, WAIT, what="2 more timer runs")
     assert len([e for e in events(kube, namespace, "taken") if e["reason"] == "Conflict"]) == 1
 
-    # Once the other owner's object is gone, the next pass takes the name (no spec change needed).
+    # Nor is an object someone made by hand (no owner, not the operator's label): adopting it would change
+    # someone else's workload, and the chart's admission policy would refuse the update anyway.
+    kube.delete("apps/v1", "deployments", namespace, "taken")
+    poll(lambda: deployment(kube, namespace, "taken") is None, WAIT, what="the foreign Deployment gone")
+    handmade = copy.deepcopy(foreign)
+    del handmade["metadata"]["ownerReferences"]
+    kube.create(handmade, "deployments")
+    poll(lambda: "is not managed by semipd-operator" in
+         condition(get_spd(kube, namespace, "taken"), "Progressing").get("message", ""), WAIT,
+         what="Conflict: not managed by semipd-operator", log=operator.log)
+    assert [c["image"] for c in deployment(kube, namespace, "taken")["spec"]["template"]["spec"]["containers"]] \
+        == ["registry.invalid/other:1"]
+
+    # Once the other object is gone, the next pass takes the name (no spec change needed).
     kube.delete("apps/v1", "deployments", namespace, "taken")
     obj = poll(reconciled(kube, namespace, "taken"), WAIT, what="reconciled once the name is free",
                log=operator.log)
     assert owner_is(deployment(kube, namespace, "taken"), obj)
 
 
-def test_a_users_admin_secret_is_used_as_is(kube, namespace, operator):
+def test_a_secret_of_that_name_made_first_is_left_alone(kube, namespace, operator):
+    """The operator only ever creates the admin Secret (it may not read Secrets): one that exists already is
+    neither read nor overwritten, and the service still reconciles."""
     token = "my-own-admin-token"
     kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "byo-admin-token",
                                                                      "namespace": namespace},
@@ -475,7 +496,8 @@ def test_a_users_admin_secret_is_used_as_is(kube, namespace, operator):
     poll(reconciled(kube, namespace, "byo"), WAIT, what="reconciled", log=operator.log)
     secret = kube.get("v1", "secrets", namespace, "byo-admin-token")
     assert base64.b64decode(secret["data"]["token"]).decode() == token
-    assert token not in operator.log()  # the token is never logged
+    assert "ownerReferences" not in secret["metadata"]
+    assert token not in operator.log()
 
 
 def test_pod_monitor_where_its_crd_exists(kube, namespace, operator):
@@ -501,26 +523,23 @@ def test_pod_monitor_where_its_crd_exists(kube, namespace, operator):
         kube.delete("apiextensions.k8s.io/v1", "customresourcedefinitions", None, "podmonitors.monitoring.coreos.com")
 
 
-def test_a_409_from_a_concurrent_secret_creation_is_resolved(kube, namespace):
-    """Two passes race to create the admin Secret: the loser gets the API server's real 409 AlreadyExists and
-    must use the winner's token, not fail and not overwrite it. The race window is forced by hiding the
-    Secret from the loser's first read."""
+def test_the_admin_secret_is_created_once_from_the_derived_token(kube, namespace):
+    """Two passes (or two operators) create the admin Secret: the second gets the API server's real 409
+    AlreadyExists, which means the Secret is there; both derive the same token, nothing is overwritten, and only
+    the first says Created."""
     from semipd.operator import reconcile
 
     owner = create(kube, namespace, manifest("race"))
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "race-admin-token",
-                                                                     "namespace": namespace},
-                 "data": {"token": base64.b64encode(b"winner").decode()}}, "secrets")
-
-    class Loser(Kube):
-        def get_or_none(self, api_version, plural, ns, name):
-            return None if plural == "secrets" else super().get_or_none(api_version, plural, ns, name)
-
+    spec, key = specs.parse("race", namespace, owner["spec"]), b"k" * 32
     emitted = []
-    token = reconcile.ensure_secret(Loser(kube.api), specs.parse("race", namespace, owner["spec"]), owner,
-                                    lambda *a, **k: emitted.append(a))
-    assert token == "winner" and emitted == []
-    assert base64.b64decode(kube.get("v1", "secrets", namespace, "race-admin-token")["data"]["token"]) == b"winner"
+    first = reconcile.ensure_secret(kube, spec, owner, key, lambda *a, **k: emitted.append(a))
+    made = kube.get("v1", "secrets", namespace, "race-admin-token")
+    second = reconcile.ensure_secret(kube, spec, owner, key, lambda *a, **k: emitted.append(a))
+    assert first == second == tokens.derive_admin_token(key, namespace, "race", owner["metadata"]["uid"])
+    assert [a[0] for a in emitted] == ["Created"]
+    again = kube.get("v1", "secrets", namespace, "race-admin-token")
+    assert again["metadata"]["resourceVersion"] == made["metadata"]["resourceVersion"]
+    assert base64.b64decode(again["data"]["token"]).decode() == first
 
 
 def test_deleting_the_service_lets_go_and_garbage_collection_removes_children(kube, namespace, operator):
