@@ -28,7 +28,7 @@ class Settings:
 class Rejected(Exception):
     """The children cannot be applied as the spec stands: kopf stops retrying (a spec change retries). `reason`
     says whether background passes may still retry: ApplyFailed/InvalidSpec cannot pass by themselves,
-    Conflict (a child's name taken by someone else's object) can, once that object goes."""
+    NameConflict (a child's name taken by someone else's object) can, once that object goes."""
 
     def __init__(self, message: str, reason: str = "ApplyFailed"):
         super().__init__(message)
@@ -84,7 +84,7 @@ def reconcile(kube: Kube, body: dict, token_key: bytes, settings: Settings = Set
         if e.conflict:
             # 409 from a create (AlreadyExists) or a name still held by an object being deleted: passes by itself,
             # but say so while it lasts.
-            _fail(kube, body, e.message, "Conflict", emit, now, view.metrics)
+            _fail(kube, body, e.message, "RetryingConflict", emit, now, view.metrics)
             raise Retry(e.message) from None
         raise
 
@@ -222,7 +222,7 @@ def _adopt(obj: dict, owner: dict, existing: dict | None) -> dict:
     why = _not_ours(existing, owner)
     if why:
         raise Rejected(f"{obj['kind']} {obj['metadata']['name']} already exists and {why}; "
-                       "delete it or rename this SemiPDService", "Conflict")
+                       "delete it or rename this SemiPDService", "NameConflict")
     kopf.append_owner_reference(obj, owner=owner)
     return obj
 
@@ -293,8 +293,9 @@ def apply_pod_monitor(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Em
 
 def _fail(kube: Kube, body: dict, message: str, reason: str, emit: Emit, now: datetime,
           metrics: conditions.Metrics = conditions.Metrics()) -> None:
-    """Record why the children could not be applied; observedGeneration stays where it was. The Warning event
-    is posted when the failure is new, not on every pass that meets it again."""
+    """Record why the children could not be applied. observedGeneration advances all the same: this generation
+    was seen, and Stalled/Reconciling say how it went (kstatus reads a failed spec as failed, not as pending).
+    The Warning event is posted when the failure is new, not on every pass that meets it again."""
     meta = body["metadata"]
     old = body.get("status") or {}
     before = next((c for c in old.get("conditions") or [] if c.get("type") == names.PROGRESSING), {})
@@ -308,7 +309,10 @@ def _fail(kube: Kube, body: dict, message: str, reason: str, emit: Emit, now: da
                                    failure_reason=reason, metrics=metrics)
     conds = conditions.merge(old.get("conditions"), conditions.compute(observed), meta.get("generation"),
                              status.stamp(now))
-    write_status(kube, body, {"conditions": conds, **status.deployment_counts(deployment)})
+    new = {"conditions": conds, **status.deployment_counts(deployment)}
+    if meta.get("generation") is not None:
+        new["observedGeneration"] = meta["generation"]
+    write_status(kube, body, new)
 
 
 def write_status(kube: Kube, body: dict, new: dict) -> None:

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+import argocd_health
 from semipd.operator import builders, crd, names, spec as specs, tokens
 from semipd.operator.kube import ApiError, Kube
 from semipd.operator.testing import FakeKubelet, OperatorProcess, free_port, poll
@@ -85,11 +86,14 @@ def condition(obj: dict, type_: str) -> dict:
 
 
 def reconciled(kube, namespace, name):
-    """The object once the operator has reconciled its current generation."""
+    """The object once the operator has applied its current generation (observedGeneration moves on failed
+    passes too, so the conditions must also say that it went well)."""
     def check():
         obj = get_spd(kube, namespace, name)
         st = obj.get("status") or {}
-        return obj if st.get("observedGeneration") == obj["metadata"]["generation"] else None
+        return obj if (st.get("observedGeneration") == obj["metadata"]["generation"]
+                       and condition(obj, "Stalled").get("status") == "False"
+                       and condition(obj, "Reconciling").get("reason") != "RetryingConflict") else None
     return check
 
 
@@ -136,6 +140,9 @@ def test_children_status_conditions_and_events(kube, namespace, operator):
     assert vols["model"]["hostPath"]["path"] == "/srv/models/tiny"
     assert "downwardAPI" in vols["podinfo"] and vols["admin-token"]["secret"]["secretName"] == "chat-admin-token"
     assert dep["spec"]["replicas"] == 2
+    # A pod may take its whole startup-probe allowance to load a model before the rollout counts as failed.
+    startup = c["startupProbe"]
+    assert dep["spec"]["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
     assert dep["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION] == spd["status"]["podTemplateHash"]
     assert svc["spec"]["selector"] == {names.SERVICE_LABEL: "chat"}
     # The token is derived from the operator's key and this object's identity (never read back from the Secret).
@@ -421,7 +428,11 @@ def test_invalid_child_is_reported_once_and_not_retried(kube, namespace, operato
     assert condition(obj, "Progressing")["status"] == "False"
     assert "maxUnavailable" in condition(obj, "Progressing")["message"]
     assert (condition(obj, "Ready")["status"], condition(obj, "Ready")["reason"]) == ("False", "ApplyFailed")
-    assert "observedGeneration" not in obj["status"]
+    # Seen and failed, for kstatus: observedGeneration is current, Stalled says so, nothing is in progress.
+    assert obj["status"]["observedGeneration"] == 1
+    assert (condition(obj, "Stalled")["status"], condition(obj, "Stalled")["reason"]) == ("True", "ApplyFailed")
+    assert condition(obj, "Reconciling")["status"] == "False"
+    assert argocd_health.health(obj)["status"] == "Degraded"
     assert deployment(kube, namespace, "stuck") is None
 
     # Let the status timer (every 2 s here) run several times: it must not try the same generation again.
@@ -453,17 +464,19 @@ def test_a_foreign_child_is_not_taken_over(kube, namespace, operator):
 
     def conflict():
         obj = get_spd(kube, namespace, "taken")
-        return obj if condition(obj, "Progressing").get("reason") == "Conflict" else None
-    obj = poll(conflict, WAIT, what="Progressing=False Conflict", log=operator.log)
+        return obj if condition(obj, "Progressing").get("reason") == "NameConflict" else None
+    obj = poll(conflict, WAIT, what="Progressing=False NameConflict", log=operator.log)
     assert "belongs to another owner" in condition(obj, "Progressing")["message"]
-    assert condition(obj, "Ready")["reason"] == "Conflict"
+    assert condition(obj, "Ready")["reason"] == "NameConflict"
+    # Permanent until someone acts: Stalled, not Reconciling (a 409 from the API server would be the reverse).
+    assert (condition(obj, "Stalled")["status"], condition(obj, "Reconciling")["status"]) == ("True", "False")
     dep = deployment(kube, namespace, "taken")
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.invalid/other:1"
     assert [r["kind"] for r in dep["metadata"]["ownerReferences"]] == ["ConfigMap"]
     # Repeated passes meet the same conflict: one Warning event, not one per pass.
     ticks = operator.log().count("Timer 'refresh' succeeded")
     poll(lambda: operator.log().count("Timer 'refresh' succeeded") >= ticks + 2, WAIT, what="2 more timer runs")
-    assert len([e for e in events(kube, namespace, "taken") if e["reason"] == "Conflict"]) == 1
+    assert len([e for e in events(kube, namespace, "taken") if e["reason"] == "NameConflict"]) == 1
 
     # Nor is an object someone made by hand (no owner, not the operator's label): adopting it would change
     # someone else's workload, and the chart's admission policy would refuse the update anyway.
@@ -555,3 +568,40 @@ def test_deleting_the_service_lets_go_and_garbage_collection_removes_children(ku
     for api_version, plural in (("apps/v1", "deployments"), ("v1", "services"), ("v1", "secrets")):
         poll(lambda: ours(kube, api_version, plural, namespace, "gone") == [], 3 * WAIT,
              what=f"{plural} garbage-collected")
+
+
+def test_kstatus_conditions_and_the_argocd_health_check_follow_the_service(kube, namespace, operator):
+    """What Flux (kstatus) and Argo CD (the chart's Lua health check, run in Argo CD's interpreter) read, on the
+    real object through its life: in progress while pods come up, healthy once they serve, failed (not pending)
+    when a new spec cannot be applied, healthy again once fixed, suspended at zero replicas."""
+    create(kube, namespace, manifest("gitops"))
+    obj = poll(reconciled(kube, namespace, "gitops"), WAIT, what="reconciled", log=operator.log)
+    assert condition(obj, "Reconciling")["status"] == "True" and condition(obj, "Ready")["status"] == "False"
+    assert argocd_health.health(obj)["status"] == "Progressing"
+
+    (pod,) = poll(lambda: live_pods(kube, namespace, "gitops"), WAIT, what="the pod")
+    FakeKubelet(kube).report_ready(namespace, pod["metadata"]["name"])
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops")) and condition(o, "Ready").get("status") == "True"
+               and o, WAIT, what="Ready=True", log=operator.log)
+    assert (condition(obj, "Reconciling")["status"], condition(obj, "Stalled")["status"]) == ("False", "False")
+    assert argocd_health.health(obj) == {"status": "Healthy", "message": "AllReplicasReady: 1/1 pods ready"}
+
+    # A spec the Deployment API refuses: generation 2 is observed and reported failed, for both tools.
+    patch_spec(kube, namespace, "gitops", {"rollout": {"maxSurge": 0, "maxUnavailable": 0}})
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops"))["status"].get("observedGeneration") == 2 and o,
+               WAIT, what="generation 2 observed although it failed", log=operator.log)
+    assert (condition(obj, "Stalled")["status"], condition(obj, "Stalled")["reason"]) == ("True", "ApplyFailed")
+    assert condition(obj, "Reconciling")["status"] == "False"
+    assert argocd_health.health(obj)["status"] == "Degraded"
+
+    patch_spec(kube, namespace, "gitops", {"rollout": {"maxSurge": 0, "maxUnavailable": 1}})
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops"))["status"].get("observedGeneration") == 3
+               and condition(o, "Ready").get("status") == "True" and o, WAIT, what="healthy again",
+               log=operator.log)
+    assert argocd_health.health(obj)["status"] == "Healthy"
+
+    patch_spec(kube, namespace, "gitops", {"replicas": 0})
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops"))["status"].get("observedGeneration") == 4
+               and condition(o, "Ready").get("reason") == "ScaledToZero" and o, WAIT, what="scaled to zero",
+               log=operator.log)
+    assert argocd_health.health(obj)["status"] == "Suspended"
