@@ -158,3 +158,27 @@ def test_without_rights_the_operator_stops_at_start_saying_why(control_plane, na
     assert code == 1 and "Traceback" not in op.log().split("Activity 'check-crd' failed permanently")[-1]
     assert f"cannot list semipdservices.semipd.io in {namespace}" in op.log()
     assert "RBAC" in op.log()
+
+
+def test_helm_install_into_the_cluster_and_its_notes(control_plane, namespace):
+    """A real `helm install` (the chart's own CRD handling, hooks and ordering) into the real API server; the
+    operator pod stays Pending (no kubelet), everything else is made. NOTES.txt tells the user what to do next."""
+    import subprocess
+    admin = Kube(control_plane.api_client())
+    release = f"n{namespace[-6:]}"
+    helm = [helm_chart.helm_binary(), "--kubeconfig", control_plane.kubeconfig, "--namespace", namespace]
+    out = subprocess.run([*helm, "install", release, str(helm_chart.CHART), "--set",
+                          f"operator.watchNamespaces={{{namespace}}}", "--wait=false"],
+                         capture_output=True, text=True, env=control_plane.env())
+    try:
+        assert out.returncode == 0, out.stderr
+        notes = out.stdout.split("NOTES:", 1)[1]
+        assert f"rollout status deployment/{release}-semipd" in notes and f"namespace: {namespace}" in notes
+        assert f"{release}-semipd-token-key" in notes and "argocd-health.lua" in notes and "--server-side" in notes
+        dep = admin.get("apps/v1", "deployments", namespace, f"{release}-semipd")
+        assert f"--token-key-secret={namespace}/{release}-semipd-token-key" in \
+            dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert admin.get("admissionregistration.k8s.io/v1", "validatingadmissionpolicies", None,
+                         f"{release}-semipd-own-objects-only")
+    finally:
+        subprocess.run([*helm, "uninstall", release], capture_output=True, text=True, env=control_plane.env())

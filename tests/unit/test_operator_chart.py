@@ -95,4 +95,20 @@ def test_templates_render_namespaced_without_podmonitors():
 
 
 def test_lint():
-    subprocess.run([helm(), "lint", str(CHART)], check=True, capture_output=True, text=True)
+    subprocess.run([helm(), "lint", str(CHART), "--strict"], check=True, capture_output=True, text=True)
+    subprocess.run([helm(), "lint", str(CHART), "--strict", "--set", "operator.watchNamespaces={a}",
+                    "--set", "example.enabled=true"], check=True, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["--set", "operator.watchNamespace={a}"], "watchNamespace"),        # a typo is not silently ignored
+    (["--set", "operator.logLevel=verbose"], "logLevel"),
+    (["--set", "operator.statusInterval=0"], "statusInterval"),
+    (["--set", "operator.watchNamespaces={Not_A_Namespace}"], "watchNamespaces"),
+    (["--set", "rbac.admissionPolicy=maybe"], "admissionPolicy"),
+])
+def test_values_schema_refuses_what_would_render_a_broken_operator(bad, says):
+    out = subprocess.run([helm(), "template", "rel", str(CHART), "--kube-version", "1.31.0", *bad],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "values don't meet the specifications of the schema" in out.stderr
+    assert says in out.stderr
