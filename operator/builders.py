@@ -123,6 +123,14 @@ def _env(spec: ServiceSpec) -> list[dict]:
     return env
 
 
+# Loading a large model takes minutes: the startup probe allows STARTUP_PERIOD_S x STARTUP_FAILURES (30 min)
+# before liveness applies.
+STARTUP_PERIOD_S, STARTUP_FAILURES = 10, 180
+# The Deployment must not call a rollout failed (ProgressDeadlineExceeded, Stalled) while a pod is still within
+# its startup allowance: the whole allowance, plus time to pull a multi-GB image and pass readiness once.
+PROGRESS_DEADLINE_S = STARTUP_PERIOD_S * STARTUP_FAILURES + 600
+
+
 def _probe(period: int, failures: int, timeout: int) -> dict:
     return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
             "failureThreshold": failures, "timeoutSeconds": timeout}
@@ -139,8 +147,7 @@ def pod_template(spec: ServiceSpec) -> dict:
         "env": _env(spec),
         "resources": _resources(spec),
         "volumeMounts": mounts,
-        # Loading a large model takes minutes: the startup probe allows 30 of them before liveness applies.
-        "startupProbe": _probe(period=10, failures=180, timeout=5),
+        "startupProbe": _probe(period=STARTUP_PERIOD_S, failures=STARTUP_FAILURES, timeout=5),
         "readinessProbe": _probe(period=5, failures=3, timeout=5),
         "livenessProbe": _probe(period=10, failures=6, timeout=5),
         "securityContext": {
@@ -216,6 +223,7 @@ def deployment(spec: ServiceSpec, replicas: int) -> dict:
             "replicas": replicas,
             "selector": {"matchLabels": names.selector(spec.name)},
             "strategy": strategy,
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
             "revisionHistoryLimit": 3,
             "template": template,
         },

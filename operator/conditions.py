@@ -1,10 +1,22 @@
-"""Pure: what the operator observed -> the four conditions, each with a machine-readable reason.
+"""Pure: what the operator observed -> the conditions, each with a machine-readable reason.
+
+Reconciling and Stalled are kstatus's (what Flux, kpt and Argo CD's health check read): Reconciling=True while the
+operator is still working towards the spec (nothing wrong, or a failure that passes by itself), Stalled=True when
+it cannot get there without someone changing the spec or the cluster. Together with observedGeneration, which
+every pass writes, failed or not, a tool can tell "in progress" from "failed" without a timeout.
+
+Failure reasons (a pass could not apply the children):
+  permanent (Stalled=True):      InvalidSpec | ApplyFailed (422/400) | NameConflict (a child's name is held by an
+                                 object that is not ours) | Forbidden (403: RBAC or admission)
+  transient (Reconciling=True):  RetryingConflict (409 from the API server: a race or a name still being deleted)
 
 Reasons (the API; docs/operator.md lists them):
-  Ready:            AllReplicasReady | ReplicasNotReady | Updating | DeploymentMissing | ScaledToZero | ApplyFailed
-                    | InvalidSpec | Forbidden | Conflict
+  Ready:            AllReplicasReady | ReplicasNotReady | Updating | DeploymentMissing | ScaledToZero | a failure
   Progressing:      Creating | RollingUpdate | Scaling | WaitingForPods | Complete | ProgressDeadlineExceeded
-                    | ApplyFailed | InvalidSpec | Forbidden | Conflict
+                    | a failure
+  Reconciling:      Creating | RollingUpdate | Scaling | WaitingForPods | RetryingConflict (True); Complete, or the
+                    reason it is stalled (False)
+  Stalled:          a permanent failure | ProgressDeadlineExceeded (True); NotStalled (False)
   MetricsAvailable: PrometheusNotConfigured | NoTargets | NotQueried | QueryFailed | NoSeries | QuerySucceeded
   SLOMet:           NoMetrics | NoTargets | WithinTargets | TTFTAboveTarget | TPOTAboveTarget
 """
@@ -13,6 +25,9 @@ from dataclasses import dataclass
 from semipd.operator import names
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+
+# Failures the operator retries by itself and expects to pass (kstatus: still reconciling, not failed).
+TRANSIENT_FAILURES = frozenset({"RetryingConflict"})
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,27 @@ def progressing(obs: Observed) -> Condition:
     return Condition(names.PROGRESSING, *rollout)
 
 
+def reconciling(obs: Observed) -> Condition:
+    if obs.failure:
+        status = TRUE if obs.failure_reason in TRANSIENT_FAILURES else FALSE
+        return Condition(names.RECONCILING, status, obs.failure_reason, obs.failure)
+    rollout = _rollout(obs)
+    if rollout is None:
+        return Condition(names.RECONCILING, TRUE, "Creating", "creating the Deployment")
+    status, reason, message = rollout
+    # Progressing=True means pods are still moving towards the spec; False is done (Complete) or stuck.
+    return Condition(names.RECONCILING, status, reason, message)
+
+
+def stalled(obs: Observed) -> Condition:
+    if obs.failure and obs.failure_reason not in TRANSIENT_FAILURES:
+        return Condition(names.STALLED, TRUE, obs.failure_reason, obs.failure)
+    rollout = _rollout(obs)
+    if rollout and rollout[1] == "ProgressDeadlineExceeded":
+        return Condition(names.STALLED, TRUE, *rollout[1:])
+    return Condition(names.STALLED, FALSE, "NotStalled", "nothing keeps the operator from the spec")
+
+
 def metrics_available(m: Metrics) -> Condition:
     if not m.configured:
         return Condition(names.METRICS_AVAILABLE, FALSE, "PrometheusNotConfigured",
@@ -126,7 +162,8 @@ def slo_met(obs: Observed) -> Condition:
 
 
 def compute(obs: Observed) -> list[Condition]:
-    return [ready(obs), progressing(obs), metrics_available(obs.metrics), slo_met(obs)]
+    return [ready(obs), progressing(obs), reconciling(obs), stalled(obs), metrics_available(obs.metrics),
+            slo_met(obs)]
 
 
 def merge(old: list[dict] | None, new: list[Condition], generation: int | None, now: str) -> list[dict]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import kopf
 import kubernetes.client
 
-from semipd.operator import control, names, reconcile, spec as specs
+from semipd.operator import control, names, reconcile, spec as specs, tokens
 from semipd.operator.kube import ApiError, Kube, path
 
 log = logging.getLogger("semipd.operator")
@@ -30,6 +30,8 @@ class OperatorConfig:
     status_interval: float = 30.0
     settings: reconcile.Settings = reconcile.Settings()
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    token_key_secret: tuple[str, str] = ("default", tokens.DEFAULT_KEY_SECRET)  # (namespace, name)
+    token_key: bytes | None = None    # read (or made) at start-up, before any pass
 
 
 class Passes:
@@ -105,7 +107,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 return  # gone or going: garbage collection removes the children
             if skip_rejected and was_rejected(body):
                 return
-            reconcile.reconcile(cfg.kube, body, cfg.settings, _emitter(body), control=controls.get(namespace, name))
+            reconcile.reconcile(cfg.kube, body, cfg.token_key, cfg.settings, _emitter(body),
+                                control=controls.get(namespace, name))
         passes.run((namespace, name), one_pass, wait)
 
     def control_step(namespace: str, name: str) -> float:
@@ -140,6 +143,14 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 raise kopf.PermanentError(
                     f"cannot list {names.PLURAL}.{names.GROUP}{f' in {namespace}' if namespace else ''}: {e} "
                     "(is crds/semipdservice.yaml applied, and does the operator's RBAC allow it?)") from None
+
+    @kopf.on.startup(registry=registry, id="token-key")
+    def load_token_key(**_):
+        """After check-crd: the one Secret the operator reads, from which every service's admin token derives."""
+        try:
+            cfg.token_key = tokens.ensure_key(cfg.kube, *cfg.token_key_secret)
+        except tokens.TokenKeyError as e:
+            raise kopf.PermanentError(str(e)) from None
 
     # kopf retries a TemporaryError (a 409, a 403) this many times for one change, then gives it up; the refresh
     # timer keeps trying quietly at its interval, so a state that clears later still converges without a spec change.

@@ -1,6 +1,7 @@
 """`semipd operator`: run the SemiPDService operator (kopf, standalone: one replica, no peering objects)."""
 import argparse
 import logging
+import os
 import sys
 
 import kopf
@@ -8,7 +9,7 @@ import kubernetes.client
 import kubernetes.config
 from kopf._core.engines.activities import ActivityError  # not re-exported by kopf
 
-from semipd.operator import handlers, names, reconcile
+from semipd.operator import handlers, names, reconcile, tokens
 from semipd.operator.kube import Kube
 
 
@@ -28,8 +29,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds one PUT /admin/partition to a pod may take")
     p.add_argument("--prometheus-timeout", type=float, default=5.0,
                    help="seconds one PromQL query of the SLO control loop may take")
+    p.add_argument("--token-key-secret", metavar="NAMESPACE/NAME",
+                   help="Secret holding the key every service's admin token is derived from; made when missing "
+                        f"(default: {tokens.DEFAULT_KEY_SECRET} in the operator's own namespace: $POD_NAMESPACE, "
+                        "the in-cluster service account's, else 'default')")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
+
+
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def token_key_secret(arg: str | None) -> tuple[str, str]:
+    """(namespace, name) of the token key Secret, from --token-key-secret or the defaults it documents."""
+    if arg:
+        namespace, sep, name = arg.partition("/")
+        if not sep or not namespace or not name:
+            raise ValueError(f"--token-key-secret must be NAMESPACE/NAME, got {arg!r}")
+        return namespace, name
+    namespace = os.environ.get("POD_NAMESPACE")
+    if not namespace:
+        try:
+            namespace = open(IN_CLUSTER_NAMESPACE).read().strip()
+        except OSError:
+            namespace = ""
+    return namespace or "default", tokens.DEFAULT_KEY_SECRET
 
 
 def client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
@@ -79,11 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     except (kubernetes.config.ConfigException, OSError) as e:
         print(f"semipd operator: cannot load cluster credentials: {e}", file=sys.stderr)
         return 2
+    try:
+        key_secret = token_key_secret(args.token_key_secret)
+    except ValueError as e:
+        print(f"semipd operator: {e}", file=sys.stderr)
+        return 2
     cfg = handlers.OperatorConfig(
         kube=Kube(kubernetes.client.ApiClient(connection), field_manager=names.MANAGED_BY),
         connection=connection, status_interval=args.status_interval,
         settings=reconcile.Settings(push_timeout=args.push_timeout, prometheus_timeout=args.prometheus_timeout),
-        namespaces=tuple(args.namespace))
+        namespaces=tuple(args.namespace), token_key_secret=key_secret)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, cfg)
     try:

@@ -35,6 +35,8 @@ BOOT_SPLIT = 0.5
 # Conditions and their reasons (machine-readable; documented in docs/operator.md).
 READY = "Ready"
 PROGRESSING = "Progressing"
+RECONCILING = "Reconciling"   # kstatus: abnormal-true, True while work towards the spec is under way
+STALLED = "Stalled"           # kstatus: True when it cannot get there without a change by someone
 METRICS_AVAILABLE = "MetricsAvailable"
 SLO_MET = "SLOMet"
 

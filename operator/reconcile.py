@@ -1,16 +1,14 @@
 """One level-based pass over a SemiPDService: make the children match the spec, sync each pod's split, write the
 status. Every trigger (create/update/resume, a child's event, the timer) runs this same pass, so it must be
 idempotent: fixed names, server-side apply, a Secret created once. No kopf in here; `emit` posts events."""
-import base64
 import logging
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
 import kopf
 
-from semipd.operator import builders, conditions, names, pods, spec as specs, status
+from semipd.operator import builders, conditions, names, pods, spec as specs, status, tokens
 from semipd.operator.control import Control
 from semipd.operator.kube import ApiError, Kube
 from semipd.policy import Decision
@@ -30,7 +28,7 @@ class Settings:
 class Rejected(Exception):
     """The children cannot be applied as the spec stands: kopf stops retrying (a spec change retries). `reason`
     says whether background passes may still retry: ApplyFailed/InvalidSpec cannot pass by themselves,
-    Conflict (a child's name taken by someone else's object) can, once that object goes."""
+    NameConflict (a child's name taken by someone else's object) can, once that object goes."""
 
     def __init__(self, message: str, reason: str = "ApplyFailed"):
         super().__init__(message)
@@ -49,7 +47,7 @@ def _no_emit(reason: str, message: str, warning: bool = False) -> None:
     pass
 
 
-def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emit = _no_emit,
+def reconcile(kube: Kube, body: dict, token_key: bytes, settings: Settings = Settings(), emit: Emit = _no_emit,
               now: datetime | None = None, control: Control | None = None) -> dict:
     """Apply the children of `body` (a fresh read of the SemiPDService), apply the control loop's latest decision
     (`control`: per-pod splits, replica target) and write the status. Returns the status written.
@@ -66,7 +64,7 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
 
     view = _View.of(control, spec)
     try:
-        token = ensure_secret(kube, spec, body, emit)
+        token = ensure_secret(kube, spec, body, token_key, emit)
         deployment, template_hash, history = apply_deployment(kube, spec, body, old_status.get("history"),
                                                               emit, now, view.replicas)
         apply_service(kube, spec, body, emit)
@@ -86,7 +84,7 @@ def reconcile(kube: Kube, body: dict, settings: Settings = Settings(), emit: Emi
         if e.conflict:
             # 409 from a create (AlreadyExists) or a name still held by an object being deleted: passes by itself,
             # but say so while it lasts.
-            _fail(kube, body, e.message, "Conflict", emit, now, view.metrics)
+            _fail(kube, body, e.message, "RetryingConflict", emit, now, view.metrics)
             raise Retry(e.message) from None
         raise
 
@@ -205,41 +203,46 @@ def _measured(measured: tuple | None) -> dict:
             "tpotMs": None if tpot is None else round(tpot * 1000, 2)}
 
 
-def _owned_by_other(obj: dict | None, owner: dict) -> bool:
-    refs = (obj or {}).get("metadata", {}).get("ownerReferences") or []
-    return any(r.get("controller") and r.get("uid") != owner["metadata"]["uid"] for r in refs)
+def _not_ours(obj: dict | None, owner: dict) -> str | None:
+    """Why an existing object holding a child's name is not the operator's to take over, or None. It adopts only
+    what it made (its managed-by label: an orphan of an earlier SemiPDService of this name), never an object of
+    another owner or one someone made by hand; the chart's admission policy refuses the operator any update of an
+    object without that label, so trying would only be a 403."""
+    if obj is None:
+        return None
+    meta = obj.get("metadata", {})
+    if any(r.get("controller") and r.get("uid") != owner["metadata"]["uid"] for r in meta.get("ownerReferences") or []):
+        return "belongs to another owner"
+    if (meta.get("labels") or {}).get(names.MANAGED_BY_LABEL) != names.MANAGED_BY:
+        return f"is not managed by {names.MANAGED_BY}"
+    return None
 
 
 def _adopt(obj: dict, owner: dict, existing: dict | None) -> dict:
-    if _owned_by_other(existing, owner):
-        raise Rejected(f"{obj['kind']} {obj['metadata']['name']} already exists and belongs to another owner; "
-                       "delete it or rename this SemiPDService", "Conflict")
+    why = _not_ours(existing, owner)
+    if why:
+        raise Rejected(f"{obj['kind']} {obj['metadata']['name']} already exists and {why}; "
+                       "delete it or rename this SemiPDService", "NameConflict")
     kopf.append_owner_reference(obj, owner=owner)
     return obj
 
 
-def ensure_secret(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) -> str | None:
-    """The admin token: made once per service and never rotated by a reconcile (pods read it from a file).
-    A Secret of that name that a user made first is used as it is."""
+def ensure_secret(kube: Kube, spec: specs.ServiceSpec, owner: dict, token_key: bytes, emit: Emit) -> str:
+    """The admin token, derived from the operator key (tokens.py), and its Secret, which the pods mount. The
+    Secret is only ever created, never read: a 409 means it is there already. Were it made by someone else with
+    another token, pushes answer 403 and say so per pod (status.pods[].lastError); deleting it lets the operator
+    make the right one."""
+    meta = owner["metadata"]
+    token = tokens.derive_admin_token(token_key, meta["namespace"], meta["name"], meta["uid"])
     name = names.admin_secret_name(spec.name)
-    secret = kube.get_or_none("v1", "secrets", spec.namespace, name)
-    if secret is None:
-        token = secrets.token_urlsafe(32)
-        try:
-            kube.create(_adopt(builders.admin_secret(spec, token), owner, None), "secrets")
-        except ApiError as e:
-            if not e.conflict:
-                raise
-            secret = kube.get("v1", "secrets", spec.namespace, name)  # a concurrent pass made it first
-        else:
-            emit("Created", f"Secret {name} with a new admin token")
-            return token
-    raw = (secret.get("data") or {}).get(names.ADMIN_TOKEN_KEY)
-    if not raw:
-        emit("InvalidSecret", f"Secret {name} has no '{names.ADMIN_TOKEN_KEY}' key; split pushes are skipped",
-             warning=True)
-        return None
-    return base64.b64decode(raw).decode()
+    try:
+        kube.create(_adopt(builders.admin_secret(spec, token), owner, None), "secrets")
+    except ApiError as e:
+        if not e.conflict:
+            raise
+    else:
+        emit("Created", f"Secret {name} with the service's admin token")
+    return token
 
 
 def apply_deployment(kube: Kube, spec: specs.ServiceSpec, owner: dict, history: list, emit: Emit,
@@ -290,8 +293,9 @@ def apply_pod_monitor(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Em
 
 def _fail(kube: Kube, body: dict, message: str, reason: str, emit: Emit, now: datetime,
           metrics: conditions.Metrics = conditions.Metrics()) -> None:
-    """Record why the children could not be applied; observedGeneration stays where it was. The Warning event
-    is posted when the failure is new, not on every pass that meets it again."""
+    """Record why the children could not be applied. observedGeneration advances all the same: this generation
+    was seen, and Stalled/Reconciling say how it went (kstatus reads a failed spec as failed, not as pending).
+    The Warning event is posted when the failure is new, not on every pass that meets it again."""
     meta = body["metadata"]
     old = body.get("status") or {}
     before = next((c for c in old.get("conditions") or [] if c.get("type") == names.PROGRESSING), {})
@@ -305,7 +309,10 @@ def _fail(kube: Kube, body: dict, message: str, reason: str, emit: Emit, now: da
                                    failure_reason=reason, metrics=metrics)
     conds = conditions.merge(old.get("conditions"), conditions.compute(observed), meta.get("generation"),
                              status.stamp(now))
-    write_status(kube, body, {"conditions": conds, **status.deployment_counts(deployment)})
+    new = {"conditions": conds, **status.deployment_counts(deployment)}
+    if meta.get("generation") is not None:
+        new["observedGeneration"] = meta["generation"]
+    write_status(kube, body, new)
 
 
 def write_status(kube: Kube, body: dict, new: dict) -> None:

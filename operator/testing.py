@@ -47,8 +47,11 @@ class OperatorProcess:
     of exactly this process and nothing else."""
 
     def __init__(self, kubeconfig: str, namespaces: list[str], log_path: Path, status_interval: float = 2.0,
-                 push_timeout: float = 1.0, extra: list[str] | None = None):
+                 push_timeout: float = 1.0, extra: list[str] | None = None, token_key_secret: str | None = None):
         self.kubeconfig = kubeconfig
+        # The operator's own Secret (tokens.py); by default in the first namespace it serves, which a test's
+        # operator may write to.
+        self.token_key_secret = token_key_secret or f"{namespaces[0] if namespaces else 'default'}/semipd-token-key"
         self.namespaces = namespaces
         self.log_path = Path(log_path)
         self.status_interval = status_interval
@@ -62,7 +65,7 @@ class OperatorProcess:
         cmd = [sys.executable, "-m", "semipd.operator.main", "--kubeconfig", self.kubeconfig,
                "--liveness", f"http://127.0.0.1:{self.port}/healthz",
                "--status-interval", str(self.status_interval), "--push-timeout", str(self.push_timeout),
-               "--log-level", "debug"]
+               "--token-key-secret", self.token_key_secret, "--log-level", "debug"]
         for ns in self.namespaces:
             cmd += ["--namespace", ns]
         cmd += self.extra

@@ -88,16 +88,18 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def run_control_plane(request, tmp_path_factory):
-    """Generator behind the `control_plane` fixture: start, yield the ControlPlane, stop."""
+def run_control_plane(request, tmp_path_factory, admission_plugins: tuple[str, ...] = ()):
+    """Generator behind the `control_plane` fixture: start, yield the ControlPlane, stop. `admission_plugins` are
+    enabled on top of kube-apiserver's default set (as `--enable-admission-plugins`), for a control plane as strict
+    as some distributions run theirs."""
     workdir = tmp_path_factory.mktemp("controlplane")
     procs: list[tuple[str, subprocess.Popen]] = []
     try:
         assets = os.environ.get("KUBEBUILDER_ASSETS")
         if assets:
-            cp = _start_from_assets(Path(assets), workdir, procs)
+            cp = _start_from_assets(Path(assets), workdir, procs, admission_plugins)
         else:
-            cp = _start_program(_find_program(request), workdir, procs)
+            cp = _start_program(_find_program(request), workdir, procs, admission_plugins)
     except ControlPlaneUnavailable as e:
         _stop(procs)
         unavailable(f"{e}. To get one: {HOW_TO_GET}")
@@ -142,7 +144,7 @@ def _find_program(request) -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
-def _start_program(program: Path, workdir: Path, procs: list) -> ControlPlane:
+def _start_program(program: Path, workdir: Path, procs: list, admission_plugins: tuple[str, ...] = ()) -> ControlPlane:
     log = workdir / "controlplane.log"
     cmd = [
         str(program),
@@ -151,6 +153,8 @@ def _start_program(program: Path, workdir: Path, procs: list) -> ControlPlane:
         f"--kubeconfig-out={workdir / 'admin.kubeconfig'}",
         f"--ready-timeout={int(READY_TIMEOUT_S)}s",
     ]
+    if admission_plugins:
+        cmd.append(f"--enable-admission-plugins={','.join(admission_plugins)}")
     procs.append(("semipd-controlplane", _spawn(cmd, log)))
 
     def ready():
@@ -164,7 +168,7 @@ def _start_program(program: Path, workdir: Path, procs: list) -> ControlPlane:
 # ---- KUBEBUILDER_ASSETS: the same control plane from separate binaries ------------------------------------
 
 
-def _start_from_assets(assets: Path, workdir: Path, procs: list) -> ControlPlane:
+def _start_from_assets(assets: Path, workdir: Path, procs: list, admission_plugins: tuple[str, ...] = ()) -> ControlPlane:
     etcd, apiserver, kcm = assets / "etcd", assets / "kube-apiserver", assets / "kube-controller-manager"
     for binary in (etcd, apiserver):
         if not os.access(binary, os.X_OK):
@@ -192,6 +196,7 @@ def _start_from_assets(assets: Path, workdir: Path, procs: list) -> ControlPlane
         "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={pki['sa']}", f"--service-account-signing-key-file={pki['sa']}",
         "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none", "--profiling=false",
+        *([f"--enable-admission-plugins={','.join(admission_plugins)}"] if admission_plugins else []),
     ], api_log)))
     logs = [etcd_log, api_log]
     _wait("kube-apiserver /readyz", lambda: _readyz(server, pki), procs, logs)

@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from semipd.operator import builders, crd, names, spec as specs
+import argocd_health
+from semipd.operator import builders, crd, names, spec as specs, tokens
 from semipd.operator.kube import ApiError, Kube
 from semipd.operator.testing import FakeKubelet, OperatorProcess, free_port, poll
 
@@ -85,11 +86,14 @@ def condition(obj: dict, type_: str) -> dict:
 
 
 def reconciled(kube, namespace, name):
-    """The object once the operator has reconciled its current generation."""
+    """The object once the operator has applied its current generation (observedGeneration moves on failed
+    passes too, so the conditions must also say that it went well)."""
     def check():
         obj = get_spd(kube, namespace, name)
         st = obj.get("status") or {}
-        return obj if st.get("observedGeneration") == obj["metadata"]["generation"] else None
+        return obj if (st.get("observedGeneration") == obj["metadata"]["generation"]
+                       and condition(obj, "Stalled").get("status") == "False"
+                       and condition(obj, "Reconciling").get("reason") != "RetryingConflict") else None
     return check
 
 
@@ -136,9 +140,16 @@ def test_children_status_conditions_and_events(kube, namespace, operator):
     assert vols["model"]["hostPath"]["path"] == "/srv/models/tiny"
     assert "downwardAPI" in vols["podinfo"] and vols["admin-token"]["secret"]["secretName"] == "chat-admin-token"
     assert dep["spec"]["replicas"] == 2
+    # A pod may take its whole startup-probe allowance to load a model before the rollout counts as failed.
+    startup = c["startupProbe"]
+    assert dep["spec"]["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
     assert dep["metadata"]["annotations"][names.TEMPLATE_HASH_ANNOTATION] == spd["status"]["podTemplateHash"]
     assert svc["spec"]["selector"] == {names.SERVICE_LABEL: "chat"}
-    assert len(base64.b64decode(secret["data"]["token"])) >= 32
+    # The token is derived from the operator's key and this object's identity (never read back from the Secret).
+    key = base64.b64decode(kube.get("v1", "secrets", namespace, "semipd-token-key")["data"]["key"])
+    assert len(key) >= 32
+    assert base64.b64decode(secret["data"]["token"]).decode() == tokens.derive_admin_token(
+        key, namespace, "chat", created["metadata"]["uid"])
 
     # kopf keeps its state under semipd.io, never under its own domain or in status.
     annotations = poll(lambda: (a := get_spd(kube, namespace, "chat")["metadata"].get("annotations") or {}).get(
@@ -369,6 +380,8 @@ def test_children_deleted_by_hand_come_back(kube, namespace, operator):
             return obj if obj and obj["metadata"]["uid"] != old["metadata"]["uid"] else None
         new = poll(back, WAIT, what=f"{plural}/{name} re-created", log=operator.log)
         assert new["metadata"]["ownerReferences"] == old["metadata"]["ownerReferences"]
+        if plural == "secrets":  # derived, so the same token: running pods keep working
+            assert new["data"] == old["data"]
 
 
 def test_killing_the_operator_anywhere_converges_without_duplicates(kube, namespace, start_operator):
@@ -415,7 +428,11 @@ def test_invalid_child_is_reported_once_and_not_retried(kube, namespace, operato
     assert condition(obj, "Progressing")["status"] == "False"
     assert "maxUnavailable" in condition(obj, "Progressing")["message"]
     assert (condition(obj, "Ready")["status"], condition(obj, "Ready")["reason"]) == ("False", "ApplyFailed")
-    assert "observedGeneration" not in obj["status"]
+    # Seen and failed, for kstatus: observedGeneration is current, Stalled says so, nothing is in progress.
+    assert obj["status"]["observedGeneration"] == 1
+    assert (condition(obj, "Stalled")["status"], condition(obj, "Stalled")["reason"]) == ("True", "ApplyFailed")
+    assert condition(obj, "Reconciling")["status"] == "False"
+    assert argocd_health.health(obj)["status"] == "Degraded"
     assert deployment(kube, namespace, "stuck") is None
 
     # Let the status timer (every 2 s here) run several times: it must not try the same generation again.
@@ -447,26 +464,43 @@ def test_a_foreign_child_is_not_taken_over(kube, namespace, operator):
 
     def conflict():
         obj = get_spd(kube, namespace, "taken")
-        return obj if condition(obj, "Progressing").get("reason") == "Conflict" else None
-    obj = poll(conflict, WAIT, what="Progressing=False Conflict", log=operator.log)
+        return obj if condition(obj, "Progressing").get("reason") == "NameConflict" else None
+    obj = poll(conflict, WAIT, what="Progressing=False NameConflict", log=operator.log)
     assert "belongs to another owner" in condition(obj, "Progressing")["message"]
-    assert condition(obj, "Ready")["reason"] == "Conflict"
+    assert condition(obj, "Ready")["reason"] == "NameConflict"
+    # Permanent until someone acts: Stalled, not Reconciling (a 409 from the API server would be the reverse).
+    assert (condition(obj, "Stalled")["status"], condition(obj, "Reconciling")["status"]) == ("True", "False")
     dep = deployment(kube, namespace, "taken")
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.invalid/other:1"
     assert [r["kind"] for r in dep["metadata"]["ownerReferences"]] == ["ConfigMap"]
     # Repeated passes meet the same conflict: one Warning event, not one per pass.
     ticks = operator.log().count("Timer 'refresh' succeeded")
     poll(lambda: operator.log().count("Timer 'refresh' succeeded") >= ticks + 2, WAIT, what="2 more timer runs")
-    assert len([e for e in events(kube, namespace, "taken") if e["reason"] == "Conflict"]) == 1
+    assert len([e for e in events(kube, namespace, "taken") if e["reason"] == "NameConflict"]) == 1
 
-    # Once the other owner's object is gone, the next pass takes the name (no spec change needed).
+    # Nor is an object someone made by hand (no owner, not the operator's label): adopting it would change
+    # someone else's workload, and the chart's admission policy would refuse the update anyway.
+    kube.delete("apps/v1", "deployments", namespace, "taken")
+    poll(lambda: deployment(kube, namespace, "taken") is None, WAIT, what="the foreign Deployment gone")
+    handmade = copy.deepcopy(foreign)
+    del handmade["metadata"]["ownerReferences"]
+    kube.create(handmade, "deployments")
+    poll(lambda: "is not managed by semipd-operator" in
+         condition(get_spd(kube, namespace, "taken"), "Progressing").get("message", ""), WAIT,
+         what="Conflict: not managed by semipd-operator", log=operator.log)
+    assert [c["image"] for c in deployment(kube, namespace, "taken")["spec"]["template"]["spec"]["containers"]] \
+        == ["registry.invalid/other:1"]
+
+    # Once the other object is gone, the next pass takes the name (no spec change needed).
     kube.delete("apps/v1", "deployments", namespace, "taken")
     obj = poll(reconciled(kube, namespace, "taken"), WAIT, what="reconciled once the name is free",
                log=operator.log)
     assert owner_is(deployment(kube, namespace, "taken"), obj)
 
 
-def test_a_users_admin_secret_is_used_as_is(kube, namespace, operator):
+def test_a_secret_of_that_name_made_first_is_left_alone(kube, namespace, operator):
+    """The operator only ever creates the admin Secret (it may not read Secrets): one that exists already is
+    neither read nor overwritten, and the service still reconciles."""
     token = "my-own-admin-token"
     kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "byo-admin-token",
                                                                      "namespace": namespace},
@@ -475,7 +509,8 @@ def test_a_users_admin_secret_is_used_as_is(kube, namespace, operator):
     poll(reconciled(kube, namespace, "byo"), WAIT, what="reconciled", log=operator.log)
     secret = kube.get("v1", "secrets", namespace, "byo-admin-token")
     assert base64.b64decode(secret["data"]["token"]).decode() == token
-    assert token not in operator.log()  # the token is never logged
+    assert "ownerReferences" not in secret["metadata"]
+    assert token not in operator.log()
 
 
 def test_pod_monitor_where_its_crd_exists(kube, namespace, operator):
@@ -501,26 +536,23 @@ def test_pod_monitor_where_its_crd_exists(kube, namespace, operator):
         kube.delete("apiextensions.k8s.io/v1", "customresourcedefinitions", None, "podmonitors.monitoring.coreos.com")
 
 
-def test_a_409_from_a_concurrent_secret_creation_is_resolved(kube, namespace):
-    """Two passes race to create the admin Secret: the loser gets the API server's real 409 AlreadyExists and
-    must use the winner's token, not fail and not overwrite it. The race window is forced by hiding the
-    Secret from the loser's first read."""
+def test_the_admin_secret_is_created_once_from_the_derived_token(kube, namespace):
+    """Two passes (or two operators) create the admin Secret: the second gets the API server's real 409
+    AlreadyExists, which means the Secret is there; both derive the same token, nothing is overwritten, and only
+    the first says Created."""
     from semipd.operator import reconcile
 
     owner = create(kube, namespace, manifest("race"))
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "race-admin-token",
-                                                                     "namespace": namespace},
-                 "data": {"token": base64.b64encode(b"winner").decode()}}, "secrets")
-
-    class Loser(Kube):
-        def get_or_none(self, api_version, plural, ns, name):
-            return None if plural == "secrets" else super().get_or_none(api_version, plural, ns, name)
-
+    spec, key = specs.parse("race", namespace, owner["spec"]), b"k" * 32
     emitted = []
-    token = reconcile.ensure_secret(Loser(kube.api), specs.parse("race", namespace, owner["spec"]), owner,
-                                    lambda *a, **k: emitted.append(a))
-    assert token == "winner" and emitted == []
-    assert base64.b64decode(kube.get("v1", "secrets", namespace, "race-admin-token")["data"]["token"]) == b"winner"
+    first = reconcile.ensure_secret(kube, spec, owner, key, lambda *a, **k: emitted.append(a))
+    made = kube.get("v1", "secrets", namespace, "race-admin-token")
+    second = reconcile.ensure_secret(kube, spec, owner, key, lambda *a, **k: emitted.append(a))
+    assert first == second == tokens.derive_admin_token(key, namespace, "race", owner["metadata"]["uid"])
+    assert [a[0] for a in emitted] == ["Created"]
+    again = kube.get("v1", "secrets", namespace, "race-admin-token")
+    assert again["metadata"]["resourceVersion"] == made["metadata"]["resourceVersion"]
+    assert base64.b64decode(again["data"]["token"]).decode() == first
 
 
 def test_deleting_the_service_lets_go_and_garbage_collection_removes_children(kube, namespace, operator):
@@ -536,3 +568,40 @@ def test_deleting_the_service_lets_go_and_garbage_collection_removes_children(ku
     for api_version, plural in (("apps/v1", "deployments"), ("v1", "services"), ("v1", "secrets")):
         poll(lambda: ours(kube, api_version, plural, namespace, "gone") == [], 3 * WAIT,
              what=f"{plural} garbage-collected")
+
+
+def test_kstatus_conditions_and_the_argocd_health_check_follow_the_service(kube, namespace, operator):
+    """What Flux (kstatus) and Argo CD (the chart's Lua health check, run in Argo CD's interpreter) read, on the
+    real object through its life: in progress while pods come up, healthy once they serve, failed (not pending)
+    when a new spec cannot be applied, healthy again once fixed, suspended at zero replicas."""
+    create(kube, namespace, manifest("gitops"))
+    obj = poll(reconciled(kube, namespace, "gitops"), WAIT, what="reconciled", log=operator.log)
+    assert condition(obj, "Reconciling")["status"] == "True" and condition(obj, "Ready")["status"] == "False"
+    assert argocd_health.health(obj)["status"] == "Progressing"
+
+    (pod,) = poll(lambda: live_pods(kube, namespace, "gitops"), WAIT, what="the pod")
+    FakeKubelet(kube).report_ready(namespace, pod["metadata"]["name"])
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops")) and condition(o, "Ready").get("status") == "True"
+               and o, WAIT, what="Ready=True", log=operator.log)
+    assert (condition(obj, "Reconciling")["status"], condition(obj, "Stalled")["status"]) == ("False", "False")
+    assert argocd_health.health(obj) == {"status": "Healthy", "message": "AllReplicasReady: 1/1 pods ready"}
+
+    # A spec the Deployment API refuses: generation 2 is observed and reported failed, for both tools.
+    patch_spec(kube, namespace, "gitops", {"rollout": {"maxSurge": 0, "maxUnavailable": 0}})
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops"))["status"].get("observedGeneration") == 2 and o,
+               WAIT, what="generation 2 observed although it failed", log=operator.log)
+    assert (condition(obj, "Stalled")["status"], condition(obj, "Stalled")["reason"]) == ("True", "ApplyFailed")
+    assert condition(obj, "Reconciling")["status"] == "False"
+    assert argocd_health.health(obj)["status"] == "Degraded"
+
+    patch_spec(kube, namespace, "gitops", {"rollout": {"maxSurge": 0, "maxUnavailable": 1}})
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops"))["status"].get("observedGeneration") == 3
+               and condition(o, "Ready").get("status") == "True" and o, WAIT, what="healthy again",
+               log=operator.log)
+    assert argocd_health.health(obj)["status"] == "Healthy"
+
+    patch_spec(kube, namespace, "gitops", {"replicas": 0})
+    obj = poll(lambda: (o := get_spd(kube, namespace, "gitops"))["status"].get("observedGeneration") == 4
+               and condition(o, "Ready").get("reason") == "ScaledToZero" and o, WAIT, what="scaled to zero",
+               log=operator.log)
+    assert argocd_health.health(obj)["status"] == "Suspended"

@@ -17,8 +17,10 @@ import (
 const serviceAccountIssuer = "https://kubernetes.default.svc.cluster.local"
 
 // apiserverArgs are kube-apiserver's own command-line flags, so this reads like any cluster's manifest.
-func apiserverArgs(port int, etcdURL string, p *pki) []string {
-	return []string{
+// admissionPlugins, when not empty, is passed as --enable-admission-plugins (added to the default set), so a test
+// can run the API server the way stricter distributions do (OpenShift enables OwnerReferencesPermissionEnforcement).
+func apiserverArgs(port int, etcdURL string, p *pki, admissionPlugins string) []string {
+	args := []string{
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
 		"--secure-port=" + strconv.Itoa(port),
@@ -35,10 +37,14 @@ func apiserverArgs(port int, etcdURL string, p *pki) []string {
 		"--endpoint-reconciler-type=none",
 		"--profiling=false",
 	}
+	if admissionPlugins != "" {
+		args = append(args, "--enable-admission-plugins="+admissionPlugins)
+	}
+	return args
 }
 
 // startAPIServer runs kube-apiserver in this process on ln until ctx ends; the channel gets its exit error.
-func startAPIServer(ctx context.Context, ln net.Listener, etcdURL string, p *pki) (<-chan error, error) {
+func startAPIServer(ctx context.Context, ln net.Listener, etcdURL string, p *pki, admissionPlugins string) (<-chan error, error) {
 	// The apiserver's own loopback client would otherwise log every deprecation warning it triggers.
 	rest.SetDefaultWarningHandler(rest.NoWarnings{})
 
@@ -48,7 +54,7 @@ func startAPIServer(ctx context.Context, ln net.Listener, etcdURL string, p *pki
 		fs.AddFlagSet(f)
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
-	if err := fs.Parse(apiserverArgs(port, etcdURL, p)); err != nil {
+	if err := fs.Parse(apiserverArgs(port, etcdURL, p, admissionPlugins)); err != nil {
 		return nil, err
 	}
 	s.SecureServing.Listener = ln

@@ -29,6 +29,7 @@ type options struct {
 	kubeconfigOut string
 	verbosity     int
 	readyTimeout  time.Duration
+	admission     string
 }
 
 func parseFlags(args []string) (options, error) {
@@ -38,6 +39,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.port, "port", 0, "kube-apiserver port on 127.0.0.1; 0 picks a free one")
 	fs.StringVar(&o.kubeconfigOut, "kubeconfig-out", "", "where to write the admin kubeconfig (default DATA_DIR/admin.kubeconfig)")
 	fs.IntVar(&o.verbosity, "v", 0, "klog verbosity of the Kubernetes components")
+	fs.StringVar(&o.admission, "enable-admission-plugins", "", "kube-apiserver admission plugins to enable on top of the default set (comma-separated)")
 	fs.DurationVar(&o.readyTimeout, "ready-timeout", 3*time.Minute, "give up if the control plane is not ready by then")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -98,7 +100,7 @@ func run(o options) error {
 
 	apiCtx, stopAPI := context.WithCancel(context.Background())
 	defer stopAPI()
-	apiDone, err := startAPIServer(apiCtx, ln, etcdURL, pki)
+	apiDone, err := startAPIServer(apiCtx, ln, etcdURL, pki, o.admission)
 	if err != nil {
 		return fmt.Errorf("kube-apiserver: %w", err)
 	}

@@ -34,7 +34,8 @@ def test_rbac_is_least_privilege():
             for resource in rule["resources"]:
                 assert "*" not in rule["verbs"] and group != "*" and resource != "*"
                 verbs[(group, resource)] = set(rule["verbs"])
-    assert verbs[("", "secrets")] == {"get", "create"}          # never list or watch every Secret
+    assert verbs[("", "secrets")] == {"create"}                 # never read a Secret where it serves
+    assert verbs[("semipd.io", "semipdservices/finalizers")] == {"update"}  # OwnerReferencesPermissionEnforcement
     assert "delete" not in set().union(*verbs.values())          # garbage collection deletes children
     assert verbs[("semipd.io", "semipdservices/status")] == {"get", "patch"}
     assert verbs[("", "pods")] == {"get", "list", "watch", "patch"}
@@ -58,7 +59,8 @@ def render(*values: str) -> list[dict]:
 def test_templates_render_clusterwide():
     docs = render()
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount",
+                     "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     dep = next(d for d in docs if d["kind"] == "Deployment")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
     pod = dep["spec"]["template"]["spec"]
@@ -67,12 +69,20 @@ def test_templates_render_clusterwide():
     assert c["command"] == ["semipd"] and c["args"][0] == "operator" and "--all-namespaces" in c["args"]
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert role["rules"] == rules()
+    # The one Secret it may read, named, in its own namespace.
+    key_role = next(d for d in docs if d["kind"] == "Role")
+    assert key_role["metadata"]["namespace"] == "ops"
+    assert [r for r in key_role["rules"] if "get" in r["verbs"]] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["rel-semipd-token-key"], "verbs": ["get"]}]
+    assert "--token-key-secret=ops/rel-semipd-token-key" in c["args"]
+    policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
+    assert "system:serviceaccount:ops:rel-semipd" in policy["spec"]["matchConditions"][0]["expression"]
 
 
 def test_templates_render_namespaced_without_podmonitors():
     docs = render("--set", "operator.watchNamespaces={a,b}", "--set", "rbac.podMonitors=false",
                   "--set", "example.enabled=true")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith("-token-key")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
     assert not any(d["kind"].startswith("Cluster") for d in docs)
     assert all("monitoring.coreos.com" not in str(r["rules"]) for r in roles)
@@ -85,4 +95,20 @@ def test_templates_render_namespaced_without_podmonitors():
 
 
 def test_lint():
-    subprocess.run([helm(), "lint", str(CHART)], check=True, capture_output=True, text=True)
+    subprocess.run([helm(), "lint", str(CHART), "--strict"], check=True, capture_output=True, text=True)
+    subprocess.run([helm(), "lint", str(CHART), "--strict", "--set", "operator.watchNamespaces={a}",
+                    "--set", "example.enabled=true"], check=True, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["--set", "operator.watchNamespace={a}"], "watchNamespace"),        # a typo is not silently ignored
+    (["--set", "operator.logLevel=verbose"], "logLevel"),
+    (["--set", "operator.statusInterval=0"], "statusInterval"),
+    (["--set", "operator.watchNamespaces={Not_A_Namespace}"], "watchNamespaces"),
+    (["--set", "rbac.admissionPolicy=maybe"], "admissionPolicy"),
+])
+def test_values_schema_refuses_what_would_render_a_broken_operator(bad, says):
+    out = subprocess.run([helm(), "template", "rel", str(CHART), "--kube-version", "1.31.0", *bad],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "values don't meet the specifications of the schema" in out.stderr
+    assert says in out.stderr

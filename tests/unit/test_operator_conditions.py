@@ -47,6 +47,30 @@ def test_apply_failure_is_reported_on_ready_and_progressing():
     assert r["Ready"] == ("False", "ApplyFailed") and r["Progressing"] == ("False", "ApplyFailed")
 
 
+@pytest.mark.parametrize("deployment, want, reconciling, stalled", [
+    (None, 1, ("True", "Creating"), ("False", "NotStalled")),
+    (dep(ready=0), 2, ("True", "WaitingForPods"), ("False", "NotStalled")),
+    (dep(generation=2, observed=1), 2, ("True", "RollingUpdate"), ("False", "NotStalled")),
+    (dep(), 2, ("False", "Complete"), ("False", "NotStalled")),
+    (dep(ready=1, conds=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                          "message": "timed out"}]), 2,
+     ("False", "ProgressDeadlineExceeded"), ("True", "ProgressDeadlineExceeded")),
+])
+def test_kstatus_conditions_from_the_rollout(deployment, want, reconciling, stalled):
+    r = reasons(c.Observed(desired_replicas=want, deployment=deployment))
+    assert r["Reconciling"] == reconciling and r["Stalled"] == stalled
+
+
+@pytest.mark.parametrize("reason, reconciling, stalled", [
+    ("InvalidSpec", "False", "True"), ("ApplyFailed", "False", "True"), ("NameConflict", "False", "True"),
+    ("Forbidden", "False", "True"), ("RetryingConflict", "True", "False"),
+])
+def test_permanent_failures_stall_and_transient_ones_keep_reconciling(reason, reconciling, stalled):
+    r = reasons(c.Observed(desired_replicas=1, deployment=dep(), failure="x", failure_reason=reason))
+    assert r["Reconciling"][0] == reconciling and r["Stalled"][0] == stalled
+    assert r["Ready"] == ("False", reason)
+
+
 def test_metrics_and_slo_without_prometheus_never_claim_anything():
     r = reasons(c.Observed(desired_replicas=1, deployment=dep(replicas=1, ready=1, updated=1),
                            ttft_target_ms=200))
@@ -84,4 +108,5 @@ def test_transition_time_moves_only_when_status_changes():
     assert ready["observedGeneration"] == 2
     done = c.merge(again, c.compute(c.Observed(desired_replicas=2, deployment=dep())), 2, "T3")
     assert {x["type"]: x["lastTransitionTime"] for x in done}["Ready"] == "T3"
-    assert [x["type"] for x in done] == ["Ready", "Progressing", "MetricsAvailable", "SLOMet"]
+    assert [x["type"] for x in done] == ["Ready", "Progressing", "Reconciling", "Stalled", "MetricsAvailable",
+                                         "SLOMet"]

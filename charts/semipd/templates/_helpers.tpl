@@ -39,3 +39,7 @@ app.kubernetes.io/component: operator
 {{ .Files.Get "files/rbac-podmonitors.yaml" | trim }}
 {{- end }}
 {{- end -}}
+
+{{- define "semipd.tokenKeySecret" -}}
+{{- printf "%s-token-key" (include "semipd.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
