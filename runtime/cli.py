@@ -71,6 +71,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--max-request-body-mib", type=float, default=16.0,
+                   help="largest request body in MiB; larger ones are refused with 413 before they are read")
     p.add_argument("--torch-threads", type=int,
                    help="CPU only: torch threads per worker while prefill and decode both work; a worker whose "
                         "peer is idle takes twice as many (default: half the cores)")
@@ -123,6 +125,8 @@ def serve(args) -> int:
     if args.emulate_sm_share and args.partition_backend not in ("auto", "cpu"):
         return _refuse(f"--emulate-sm-share needs --partition-backend cpu (it is {args.partition_backend}): "
                        "a real partition must not be slowed by a stand-in")
+    if not args.max_request_body_mib > 0:
+        return _refuse(f"--max-request-body-mib must be a positive number, got {args.max_request_body_mib}")
     if engine_config.model is None:       # after the flag checks: a refused command writes nothing
         from semipd.runtime.tiny_model import default_model_dir
         engine_config.model = str(default_model_dir())
@@ -130,7 +134,8 @@ def serve(args) -> int:
                                          engine_config.model)
     server_config = ServerConfig(host=args.host, port=args.port, admin_token=_admin_token(args.admin_token_file),
                                  admin_token_file=args.admin_token_file,
-                                 graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+                                 graceful_timeout=args.graceful_timeout, log_level=args.log_level,
+                                 max_request_body_bytes=int(args.max_request_body_mib * 2**20))
     from semipd.runtime.server import serve as run_server
     return run_server(engine_config, server_config)
 

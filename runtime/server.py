@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -80,11 +81,49 @@ class DrainMiddleware:
                 state.idle.set()
 
 
+class BodyLimitMiddleware:
+    """Refuses request bodies over the limit with 413 before they are buffered: at once by Content-Length when
+    the client sends one, else (a chunked upload) as soon as the bytes received pass it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            error = self.too_large()
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self.too_large()       # rendered by the APIError handler, inside the app
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of "
+                             f"{self.max_bytes / 2**20:g} MiB (semipd serve --max-request-body-mib)",
+                        code="request_too_large")
+
+
 def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     app = FastAPI(title="semipd", docs_url=None, redoc_url=None, openapi_url=None)
     drain = DrainState()
     app.state.drain = drain
     app.add_middleware(DrainMiddleware, state=drain)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_body_bytes)
+    # Parsing, chat templates and tokenizing take time in proportion to the body (seconds for megabytes); on
+    # the event loop they would freeze every stream and /health meanwhile. The tokenizer releases the GIL.
+    prompt_pool = ThreadPoolExecutor(thread_name_prefix="semipd-prompt")
+    app.state.prompt_pool = prompt_pool
     tokenizer = engine.tokenizer
     max_token_id = max(tokenizer.get_vocab().values())
     admin_token = AdminToken(server_config.admin_token, server_config.admin_token_file)
@@ -114,17 +153,26 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_request(await request.body(), CompletionRequest)
-        check_model(req.model)
-        if isinstance(req.prompt, str):
-            ids = encode(req.prompt, "prompt", add_special_tokens=True)
-        else:
-            ids = list(req.prompt)
+        req, ids = await off_loop(completion_prompt, await request.body())
         return await generate(request, req, ids, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await request.body(), ChatCompletionRequest)
+        req, ids = await off_loop(chat_prompt, await request.body())
+        return await generate(request, req, ids, "messages", None, chat=True)
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(prompt_pool, fn, *args)
+
+    def completion_prompt(raw: bytes) -> tuple[CompletionRequest, list[int]]:
+        req = parse_request(raw, CompletionRequest)
+        check_model(req.model)
+        if isinstance(req.prompt, str):
+            return req, encode(req.prompt, "prompt", add_special_tokens=True)
+        return req, list(req.prompt)
+
+    def chat_prompt(raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
+        req = parse_request(raw, ChatCompletionRequest)
         check_model(req.model)
         if not tokenizer.chat_template:
             raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
@@ -133,8 +181,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                                                  add_generation_prompt=True)
         except Exception as e:      # the template itself may reject a conversation (e.g. role order)
             raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
-        ids = encode(text, "messages", add_special_tokens=False)
-        return await generate(request, req, ids, "messages", None, chat=True)
+        return req, encode(text, "messages", add_special_tokens=False)
 
     def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
         try:
@@ -349,7 +396,10 @@ async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        app.state.prompt_pool.shutdown(wait=False, cancel_futures=True)
     if not server.started:
         raise OSError(f"could not listen on {server_config.host}:{server_config.port}")
 
