@@ -153,12 +153,12 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req, ids = await off_loop(completion_prompt, await request.body())
+        req, ids = await off_loop(completion_prompt, await json_body(request))
         return await generate(request, req, ids, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req, ids = await off_loop(chat_prompt, await request.body())
+        req, ids = await off_loop(chat_prompt, await json_body(request))
         return await generate(request, req, ids, "messages", None, chat=True)
 
     async def off_loop(fn, *args):
@@ -325,7 +325,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         authorize(request)
         if policy != "external":
             raise APIError(409, POLICY_OWNS_SPLIT[policy], type="conflict_error", code=f"partition_policy_{policy}")
-        value = parse_partition(await request.body())
+        value = parse_partition(await json_body(request))
         try:
             result = engine.partition.set(value, source="admin-api")
         except PartitionError as e:
@@ -337,6 +337,17 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         return {**result, "policy": policy}
 
     return app
+
+
+async def json_body(request: Request) -> bytes:
+    """The body of a request that must carry JSON. Any other Content-Type (or none) is refused before the body
+    is read: a browser sends text/plain, form and Content-Type-less bodies cross-site without a CORS preflight,
+    so parsing them as JSON would let any web page start generations on a server it can reach."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        given = f"it is '{media_type}'" if media_type else "none was sent"
+        raise APIError(415, f"Content-Type must be application/json ({given})", code="unsupported_media_type")
+    return await request.body()
 
 
 def parse_partition(raw: bytes) -> dict:
