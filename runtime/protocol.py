@@ -60,17 +60,33 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    include_usage: bool = False
+    include_usage: bool | None = False          # null (which OpenAI's schema allows) means false
+
+
+# Fields OpenAI's schema (or vLLM's) lets a client send as null, meaning "the default".
+NULL_MEANS_DEFAULT = ("stream", "n", "ignore_eos", "return_token_ids")
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_for_nulls_and_unused_tools(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
+        # tool_choice "none" means no tool may be called, so the tools are ignored: clients that always send
+        # their tools must still work. Any other tool use is refused (tools are not implemented).
+        if data.get("tool_choice") == "none":
+            data.pop("tools", None)
+        return data
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     stop: Any = None
@@ -320,7 +336,7 @@ class ResponseShape:
              cached_tokens: int = 0, token_ids: list[int] | None = None,
              prompt_token_ids: list[int] | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": None, "finish_reason": finish_reason}
             obj = "chat.completion"
         else:

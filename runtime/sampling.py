@@ -20,8 +20,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:       # 0, as OpenAI allows: only the most likely token (see _apply_top_p)
+            raise ValueError("top_p must be in [0, 1]")
         if self.top_k < -1:
             raise ValueError("top_k must be -1 (off) or a positive integer")
         if self.max_tokens < 1:
@@ -75,5 +75,6 @@ def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     # drop a token once the mass before it already reaches top_p; the most likely token always stays
     drop = (cum - sorted_logits.softmax(dim=-1)) >= p_t[:, None]
+    drop[:, 0] = False          # the mass before it is 0, which a top_p of 0 would otherwise reach
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
