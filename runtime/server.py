@@ -10,6 +10,7 @@ answer instead of a refused connection; it exits once in-flight requests are don
 """
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +34,7 @@ from semipd.runtime.protocol import (
     COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest, ResponseShape,
     bad_request, error_body, parse_request, resolve_max_tokens, sse,
 )
+from semipd.runtime.tokenize_api import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("semipd.server")
 
@@ -114,8 +117,51 @@ class BodyLimitMiddleware:
                         code="request_too_large")
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("semipd")
+    except importlib.metadata.PackageNotFoundError:      # run from a source tree that is not installed
+        return "0+unknown"
+
+
+# Handlers read their JSON themselves (strict validation, OpenAI error bodies), so FastAPI cannot see the body
+# models; these name them for the OpenAPI document.
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+ERROR_STATUSES = {"400": "invalid request", "404": "unknown model", "413": "body too large",
+                  "415": "not application/json", "503": "overloaded or shutting down"}
+
+
+def json_request(model) -> dict:
+    """openapi_extra for a route whose JSON body is `model`, and the errors such a route answers."""
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    errors = {status: {"description": why, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for status, why in ERROR_STATUSES.items()}
+    return {"requestBody": {"required": True, "content": content}, "responses": errors}
+
+
+def openapi_document(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                          description="OpenAI-compatible API of semipd, with vLLM's side endpoints")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        nullable_string = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+        schemas["ErrorResponse"] = {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": nullable_string, "code": nullable_string}}}}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="semipd", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json, but no /docs: the Swagger page would load its script from a CDN
+    app = FastAPI(title="semipd", version=package_version(), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_document(app)
     drain = DrainState()
     app.state.drain = drain
     app.add_middleware(DrainMiddleware, state=drain)
@@ -144,19 +190,26 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
     # --- OpenAI surface -------------------------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "semipd",
+    def model_card() -> dict:
+        return {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "semipd",
                 "root": engine.model_dir, "parent": None, "max_model_len": engine.max_model_len,
                 "permission": []}
-        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")      # :path, as served names may hold a slash ("org/model")
+    async def model_by_id(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions", openapi_extra=json_request(CompletionRequest))
     async def completions(request: Request):
         req, ids = await off_loop(completion_prompt, await json_body(request))
         return await generate(request, req, ids, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_request(ChatCompletionRequest))
     async def chat_completions(request: Request):
         req, ids = await off_loop(chat_prompt, await json_body(request))
         return await generate(request, req, ids, "messages", None, chat=True)
@@ -174,14 +227,50 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     def chat_prompt(raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
         req = parse_request(raw, ChatCompletionRequest)
         check_model(req.model)
+        return req, encode(render_chat(req.messages), "messages", add_special_tokens=False)
+
+    def render_chat(messages, add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
         if not tokenizer.chat_template:
             raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
         try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template([m.for_template() for m in messages], tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message)
         except Exception as e:      # the template itself may reject a conversation (e.g. role order)
             raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
-        return req, encode(text, "messages", add_special_tokens=False)
+
+    # --- vLLM's side endpoints ------------------------------------------------------------------------------
+    @app.post("/tokenize", openapi_extra=json_request(TokenizeRequest))
+    async def tokenize(request: Request):
+        return await off_loop(tokenize_body, await json_body(request))
+
+    def tokenize_body(raw: bytes) -> dict:
+        req = parse_request(raw, TokenizeRequest)
+        check_model(req.model)
+        if req.prompt is not None:
+            ids = encode(req.prompt, "prompt", add_special_tokens=req.special_tokens)
+        else:
+            text = render_chat(req.messages, req.add_generation_prompt, req.continue_final_message)
+            ids = encode(text, "messages", add_special_tokens=req.special_tokens)
+        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", openapi_extra=json_request(DetokenizeRequest))
+    async def detokenize(request: Request):
+        return await off_loop(detokenize_body, await json_body(request))
+
+    def detokenize_body(raw: bytes) -> dict:
+        req = parse_request(raw, DetokenizeRequest)
+        check_model(req.model)
+        outside = [t for t in req.tokens if not 0 <= t <= max_token_id]
+        if outside:
+            raise bad_request(f"tokens: token id {outside[0]} is outside the vocabulary (ids 0 to {max_token_id})",
+                              "tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": app.version}
 
     def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
         try:
@@ -290,6 +379,11 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         if drain.draining or getattr(engine, "worker_error", None) is not None:
             return Response(status_code=503)
         return Response(status_code=200)
+
+    @app.get("/ping", operation_id="ping_get")      # vLLM's name for /health, which SageMaker probes
+    @app.post("/ping", operation_id="ping_post")
+    async def ping():
+        return await health()
 
     @app.get("/metrics")
     async def metrics():
