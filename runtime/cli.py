@@ -20,8 +20,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hugging Face model directory (default: the embedded tiny model, made once in "
                                    "the cache directory)")
     p.add_argument("--served-model-name", help="name clients use in 'model' (default: the directory name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
