@@ -237,10 +237,11 @@ def parse_request(raw: bytes, model: type[_Common]) -> _Common:
         raise ValueError(f"{name} is not valid JSON")
     try:
         data = json.loads(raw, parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:      # RecursionError: nested too deeply
         raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
+    _refuse_lone_surrogates(data, ())
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -257,6 +258,25 @@ def _validation_error(e: ValidationError) -> APIError:
     if err["type"] == "missing":
         msg = "field required"
     return bad_request(f"{param}: {msg}" if param else msg, param)
+
+
+def _refuse_lone_surrogates(value, loc: tuple) -> None:
+    """JSON may escape half of a UTF-16 surrogate pair ("\\ud800") alone; that is no Unicode text, so no
+    tokenizer can encode it and no response can echo it. Refused here, naming the field, before anything tries."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")       # fails on surrogates only, and at C speed on megabyte prompts
+        except UnicodeEncodeError as e:
+            param = _param_name(loc)
+            raise bad_request(f"{param or 'body'}: character {e.start} is a lone UTF-16 surrogate "
+                              f"(\\u{ord(value[e.start]):04x}), which is not valid Unicode text", param) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, loc)
+            _refuse_lone_surrogates(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(item, (*loc, index))
 
 
 def _param_name(loc: tuple) -> str | None:

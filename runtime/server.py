@@ -39,6 +39,7 @@ from semipd.runtime.tokenize_api import DetokenizeRequest, TokenizeRequest
 log = logging.getLogger("semipd.server")
 
 RETRY_AFTER_S = 1                 # what a full queue tells clients; the queue drains within a few steps
+DRAINING_RETRY_AFTER_S = 1        # a draining pod's clients: retry at once, the Service sends them to another pod
 DISCONNECT_POLL_S = 0.1           # how often a request not yet streaming checks for a vanished client
 SHUTDOWN_CANCEL_S = 2.0           # after the grace period, how long uvicorn waits before cancelling requests
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -55,6 +56,8 @@ class DrainState:
     draining: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_requests: set = field(default_factory=set)      # ids of the engine requests the handlers wait on
+    cut: bool = False                                       # the grace period is over: those were aborted
 
     def __post_init__(self):
         self.idle.set()
@@ -73,7 +76,8 @@ class DrainMiddleware:
         state = self.state
         if state.draining:
             body = error_body("the server is shutting down", "service_unavailable", code="shutting_down")
-            return await JSONResponse(body, status_code=503)(scope, receive, send)
+            headers = {"Retry-After": str(DRAINING_RETRY_AFTER_S)}
+            return await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
         state.in_flight += 1
         state.idle.clear()
         try:
@@ -275,8 +279,8 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
         try:
             return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-        except (TypeError, ValueError, UnicodeError) as e:      # e.g. a lone surrogate escape ("\\ud800")
-            raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from None
+        except (TypeError, ValueError, UnicodeError):       # the tokenizer's own words would mean nothing here
+            raise bad_request(f"{param}: the text cannot be tokenized", param) from None
 
     def check_model(name: str | None):
         if name is not None and name != engine.model_name:
@@ -304,18 +308,22 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         shape = ResponseShape(chat, engine.model_name, req.include_usage, req.return_token_ids)
         log.info("request %s: %d prompt tokens, max_tokens %d, stream %s", shape.id, len(ids), max_tokens,
                  req.stream)
-        outputs = engine.generate(shape.id, ids, params)
+        outputs = tracked(shape.id, engine.generate(shape.id, ids, params))
         if req.stream:
             # Wait for the first output before sending headers: a full queue must still be able to say 503.
             first = await until_disconnect(request, anext_or_none(outputs))
             if first is None and await request.is_disconnected():
                 return Response(status_code=499)
+            if first is not None and cut_short(first):
+                raise shut_down_error()
             return StreamingResponse(stream(shape, first, outputs), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         result = await until_disconnect(request, collect(outputs))
         if result is None:
             return Response(status_code=499)
         text, token_ids, finish, prompt_tokens, completion_tokens, cached = result
+        if finish == "abort" and drain.cut:
+            raise shut_down_error()
         if req.return_token_ids:
             return shape.full(text, finish, prompt_tokens, completion_tokens, cached, token_ids, ids)
         return shape.full(text, finish, prompt_tokens, completion_tokens, cached)
@@ -337,6 +345,25 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         finally:
             if not task.done():      # the handler itself was cancelled
                 task.cancel()
+
+    async def tracked(request_id: str, outputs):
+        """The engine's outputs, with the request known to the drain, which aborts it when the grace period
+        ends; its final output (finish_reason "abort") then ends the response cleanly instead of a cancel."""
+        drain.engine_requests.add(request_id)
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            drain.engine_requests.discard(request_id)
+            await outputs.aclose()
+
+    def cut_short(out) -> bool:
+        return out.finished and out.finish_reason == "abort" and drain.cut
+
+    def shut_down_error() -> APIError:
+        return APIError(503, "the server shut down before this request finished (its grace period ended)",
+                        type="service_unavailable", code="shutting_down",
+                        headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
 
     async def anext_or_none(outputs):
         return await anext(outputs, None)
@@ -361,6 +388,11 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             async for out in _chain(pending, outputs):
                 last = out
                 held_ids += out.token_ids
+                if cut_short(out):
+                    if out.text:
+                        yield sse(shape.chunk(out.text, None, held_ids))
+                    yield sse(shut_down_error().body())
+                    break
                 if out.text or out.finished:
                     yield sse(shape.chunk(out.text, out.finish_reason if out.finished else None, held_ids))
                     held_ids = []
@@ -368,7 +400,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             log.exception("request %s failed while streaming", shape.id)
             yield sse(error_body("internal error while generating", "server_error"))
         else:
-            if shape.include_usage and last is not None:
+            if shape.include_usage and last is not None and not cut_short(last):
                 yield sse(shape.usage_chunk(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
         yield sse("[DONE]")
 
@@ -487,7 +519,16 @@ async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
         try:
             await asyncio.wait_for(drain.idle.wait(), server_config.graceful_timeout)
         except asyncio.TimeoutError:
-            log.warning("grace period over with %d requests in flight; cancelling them", drain.in_flight)
+            log.warning("grace period over with %d requests in flight; ending them", drain.in_flight)
+            # Aborted, each request's final output ends its response with an error (a stream: an error event
+            # and [DONE]); only what still hangs after that is left to uvicorn's cancellation.
+            drain.cut = True
+            for request_id in list(drain.engine_requests):
+                engine.abort(request_id)
+            try:
+                await asyncio.wait_for(drain.idle.wait(), SHUTDOWN_CANCEL_S)
+            except asyncio.TimeoutError:
+                log.warning("%d requests still in flight; cancelling them", drain.in_flight)
         server.should_exit = True
 
     def on_signal(sig: signal.Signals):
