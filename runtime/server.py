@@ -1,4 +1,5 @@
-"""The HTTP front end: OpenAI completions/chat (SSE streaming), models, health, metrics, and the admin API.
+"""The HTTP front end: OpenAI completions/chat (SSE streaming), models, vLLM's side endpoints (/tokenize,
+/detokenize, /version, /ping), /openapi.json, health, metrics, and the admin API.
 
 Choices worth knowing (also in docs): completions default to max_tokens = min(16, what fits), like OpenAI;
 chat defaults to everything that fits in max_model_len. GET /admin/partition needs the token like PUT (the
@@ -6,7 +7,8 @@ operator has it anyway, and the split plus the allowed values say more about the
 PUT /admin/partition obeys only under --partition-policy external; static and slo answer 409, since the split
 then has another owner (nobody, or the in-engine policy). The token file is followed (runtime/admin_token.py).
 On SIGTERM the server keeps listening and answers 503 to new work, so clients and load balancers get a clear
-answer instead of a refused connection; it exits once in-flight requests are done or the grace period ends.
+answer instead of a refused connection; it exits once in-flight requests are done or the grace period ends,
+which aborts the rest in the engine so each still gets a proper ending (an error event and [DONE], or a 503).
 """
 import asyncio
 import hmac
