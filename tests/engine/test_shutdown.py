@@ -85,6 +85,7 @@ def test_grace_period_ends_long_requests_with_an_error_and_exits_zero(start_serv
         timeout=120)))
     waiting.start()
     while server.log().count("prompt tokens, max_tokens") < 3:     # the engine has all three requests
+        assert server.proc.poll() is None and waiting.is_alive(), server.log()
         time.sleep(0.1)
 
     server.proc.send_signal(signal.SIGTERM)
