@@ -10,8 +10,10 @@ class Choices:
     """Adds every choice to the engine at once (so a full queue refuses the whole request, nothing half-done)
     and gathers their outputs on one queue, in the order the workers produce them."""
 
-    def __init__(self, engine, request_id: str, specs: list[tuple[int, list[int], object]]):
+    def __init__(self, engine, request_id: str, specs: list[tuple[int, list[int], object]],
+                 registry: set | None = None):
         self.engine = engine
+        self.registry = registry if registry is not None else set()   # where open engine requests are known
         self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
         self.request_ids: list[str] = []
         self.unfinished = len(specs)
@@ -27,6 +29,7 @@ class Choices:
                                         lambda out, i=index: loop.call_soon_threadsafe(self.queue.put_nowait,
                                                                                        (i, out)))
                 self.request_ids.append(request_id)
+                self.registry.add(request_id)
             return await self.next()
         except BaseException:
             self.abort()
@@ -57,6 +60,7 @@ class Choices:
         """Drop whatever is unfinished (a client gone, an error); finished requests are not touched."""
         for request_id in self.request_ids:
             self.engine.abort(request_id)
+            self.registry.discard(request_id)
 
 
 class ChoiceRenderer:

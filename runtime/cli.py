@@ -20,8 +20,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hugging Face model directory (default: the embedded tiny model, made once in "
                                    "the cache directory)")
     p.add_argument("--served-model-name", help="name clients use in 'model' (default: the directory name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
@@ -71,6 +71,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--max-request-body-mib", type=float, default=16.0,
+                   help="largest request body in MiB; larger ones are refused with 413 before they are read")
     p.add_argument("--torch-threads", type=int,
                    help="CPU only: torch threads per worker while prefill and decode both work; a worker whose "
                         "peer is idle takes twice as many (default: half the cores)")
@@ -126,6 +128,8 @@ def serve(args) -> int:
     if args.emulate_sm_share and args.partition_backend not in ("auto", "cpu"):
         return _refuse(f"--emulate-sm-share needs --partition-backend cpu (it is {args.partition_backend}): "
                        "a real partition must not be slowed by a stand-in")
+    if not args.max_request_body_mib > 0:
+        return _refuse(f"--max-request-body-mib must be a positive number, got {args.max_request_body_mib}")
     if engine_config.model is None:       # after the flag checks: a refused command writes nothing
         from semipd.runtime.tiny_model import default_model_dir
         engine_config.model = str(default_model_dir())
@@ -134,7 +138,8 @@ def serve(args) -> int:
     server_config = ServerConfig(host=args.host, port=args.port, admin_token=_admin_token(args.admin_token_file),
                                  admin_token_file=args.admin_token_file,
                                  graceful_timeout=args.graceful_timeout, log_level=args.log_level,
-                                 tool_call_parser=args.tool_call_parser)
+                                 tool_call_parser=args.tool_call_parser,
+                                 max_request_body_bytes=int(args.max_request_body_mib * 2**20))
     from semipd.runtime.server import serve as run_server
     return run_server(engine_config, server_config)
 

@@ -121,5 +121,8 @@ class ServerConfig:
     admin_token_file: str | None = None         # re-read when it changes (a re-created Secret)
     graceful_timeout: float = 30.0              # seconds in-flight requests get after SIGTERM
     tool_call_parser: str = "auto"              # auto (by architecture) | llama3_json | hermes | mistral
+    # Larger bodies get 413 before they are read. 16 MiB holds a 1M-token prompt sent as token ids (about 8
+    # bytes each in JSON) with room to spare; far more is no prompt any model here can take.
+    max_request_body_bytes: int = 16 * 2**20
     log_level: str = "info"
     extra: dict = field(default_factory=dict)

@@ -19,12 +19,13 @@ class Detokenizer:
             searched_from = max(0, len(seq.text) - self._longest_stop(seq))
             seq.text += full[len(prefix):]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            for stop in seq.params.stop:
-                at = seq.text.find(stop, searched_from)
-                if at != -1:
-                    seq.text = seq.text[:at]
-                    seq.prefix_offset = seq.read_offset = len(ids)
-                    return True
+            # The earliest match wins, whichever stop string it is: cutting at the first string of the list
+            # that matches anywhere could leave an earlier one in the text.
+            found = [at for stop in seq.params.stop if (at := seq.text.find(stop, searched_from)) != -1]
+            if found:
+                seq.text = seq.text[:min(found)]
+                seq.prefix_offset = seq.read_offset = len(ids)
+                return True
         return False
 
     def flush(self, seq: Sequence) -> None:

@@ -53,17 +53,28 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    include_usage: bool = False
+    include_usage: bool | None = False          # null (which OpenAI's schema allows) means false
+
+
+# Fields OpenAI's schema (or vLLM's) lets a client send as null, meaning "the default".
+NULL_MEANS_DEFAULT = ("stream", "n", "ignore_eos", "return_token_ids")
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_for_nulls(cls, data):
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     stop: Any = None
@@ -363,10 +374,11 @@ def parse_request(raw: bytes, model: type[_Common]) -> _Common:
         raise ValueError(f"{name} is not valid JSON")
     try:
         data = json.loads(raw, parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:      # RecursionError: nested too deeply
         raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
+    _refuse_lone_surrogates(data, ())
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -383,6 +395,25 @@ def _validation_error(e: ValidationError) -> APIError:
     if err["type"] == "missing":
         msg = "field required"
     return bad_request(f"{param}: {msg}" if param else msg, param)
+
+
+def _refuse_lone_surrogates(value, loc: tuple) -> None:
+    """JSON may escape half of a UTF-16 surrogate pair ("\\ud800") alone; that is no Unicode text, so no
+    tokenizer can encode it and no response can echo it. Refused here, naming the field, before anything tries."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")       # fails on surrogates only, and at C speed on megabyte prompts
+        except UnicodeEncodeError as e:
+            param = _param_name(loc)
+            raise bad_request(f"{param or 'body'}: character {e.start} is a lone UTF-16 surrogate "
+                              f"(\\u{ord(value[e.start]):04x}), which is not valid Unicode text", param) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, loc)
+            _refuse_lone_surrogates(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(item, (*loc, index))
 
 
 def _param_name(loc: tuple) -> str | None:
@@ -471,7 +502,7 @@ class ResponseShape:
                token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None,
                tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
-            message = {"role": "assistant", "content": text}
+            message = {"role": "assistant", "content": text, "refusal": None}
             if tool_calls:
                 message["tool_calls"] = tool_calls
             choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}

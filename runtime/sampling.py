@@ -31,8 +31,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:       # 0, as OpenAI allows: only the most likely token (see _restricted_draw)
+            raise ValueError("top_p must be in [0, 1]")
         if self.top_k < -1:
             raise ValueError("top_k must be -1 (off) or a positive integer")
         if self.max_tokens < 1:

@@ -1,4 +1,5 @@
-"""The HTTP front end: OpenAI completions/chat (SSE streaming), models, health, metrics, and the admin API.
+"""The HTTP front end: OpenAI completions/chat (SSE streaming), models, vLLM's side endpoints (/tokenize,
+/detokenize, /version, /ping), /openapi.json, health, metrics, and the admin API.
 
 Choices worth knowing (also in docs): completions default to max_tokens = min(16, what fits), like OpenAI;
 chat defaults to everything that fits in max_model_len. GET /admin/partition needs the token like PUT (the
@@ -6,18 +7,22 @@ operator has it anyway, and the split plus the allowed values say more about the
 PUT /admin/partition obeys only under --partition-policy external; static and slo answer 409, since the split
 then has another owner (nobody, or the in-engine policy). The token file is followed (runtime/admin_token.py).
 On SIGTERM the server keeps listening and answers 503 to new work, so clients and load balancers get a clear
-answer instead of a refused connection; it exits once in-flight requests are done or the grace period ends.
+answer instead of a refused connection; it exits once in-flight requests are done or the grace period ends,
+which aborts the rest in the engine so each still gets a proper ending (an error event and [DONE], or a 503).
 """
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,10 +38,12 @@ from semipd.runtime.protocol import (
     COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest, ResponseShape,
     bad_request, error_body, parse_request, resolve_max_tokens, sse,
 )
+from semipd.runtime.tokenize_api import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("semipd.server")
 
 RETRY_AFTER_S = 1                 # what a full queue tells clients; the queue drains within a few steps
+DRAINING_RETRY_AFTER_S = 1        # a draining pod's clients: retry at once, the Service sends them to another pod
 DISCONNECT_POLL_S = 0.1           # how often a request not yet streaming checks for a vanished client
 SHUTDOWN_CANCEL_S = 2.0           # after the grace period, how long uvicorn waits before cancelling requests
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -53,6 +60,8 @@ class DrainState:
     draining: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_requests: set = field(default_factory=set)      # ids of the engine requests the handlers wait on
+    cut: bool = False                                       # the grace period is over: those were aborted
 
     def __post_init__(self):
         self.idle.set()
@@ -71,7 +80,8 @@ class DrainMiddleware:
         state = self.state
         if state.draining:
             body = error_body("the server is shutting down", "service_unavailable", code="shutting_down")
-            return await JSONResponse(body, status_code=503)(scope, receive, send)
+            headers = {"Retry-After": str(DRAINING_RETRY_AFTER_S)}
+            return await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
         state.in_flight += 1
         state.idle.clear()
         try:
@@ -82,11 +92,121 @@ class DrainMiddleware:
                 state.idle.set()
 
 
+class BodyLimitMiddleware:
+    """Refuses request bodies over the limit with 413 before they are buffered: at once by Content-Length when
+    the client sends one, else (a chunked upload) as soon as the bytes received pass it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            error = self.too_large()
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self.too_large()       # rendered by the APIError handler, inside the app
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of "
+                             f"{self.max_bytes / 2**20:g} MiB (semipd serve --max-request-body-mib)",
+                        code="request_too_large")
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("semipd")
+    except importlib.metadata.PackageNotFoundError:      # run from a source tree that is not installed
+        return "0+unknown"
+
+
+# Handlers read their JSON themselves (strict validation, OpenAI error bodies), so FastAPI cannot see the body
+# models; these name them for the OpenAPI document.
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+ERROR_STATUSES = {"400": "invalid request", "404": "unknown model", "413": "body too large",
+                  "415": "not application/json", "503": "overloaded or shutting down"}
+
+
+def json_request(model) -> dict:
+    """openapi_extra for a route whose JSON body is `model`, and the errors such a route answers."""
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    return {"requestBody": {"required": True, "content": content}, "responses": _error_responses(ERROR_STATUSES)}
+
+
+def openapi_document(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                          description="OpenAI-compatible API of semipd, with vLLM's side endpoints")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        nullable_string = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+        schemas["ErrorResponse"] = {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": nullable_string, "code": nullable_string}}}}
+        _document_bodies(doc["paths"])
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _error_responses(statuses: dict[str, str]) -> dict:
+    return {status: {"description": why, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for status, why in statuses.items()}
+
+
+ADMIN_ERRORS = {"400": "invalid split", "401": "missing or wrong token", "403": "admin API disabled",
+                "409": "the split has another owner (static or slo policy)", "415": "not application/json"}
+
+
+def _document_bodies(paths: dict) -> None:
+    """What FastAPI cannot infer from handlers that build their own responses: probes answer with no body,
+    /metrics with Prometheus' text format, the generation routes with JSON or, when streamed, an SSE stream
+    (each event a `data:` line), the admin API and a model lookup with their errors."""
+    for path in ("/health", "/ping"):
+        for operation in paths.get(path, {}).values():
+            operation["responses"]["200"] = {"description": "serving (503 with no body while draining)"}
+    if "/metrics" in paths:
+        paths["/metrics"]["get"]["responses"]["200"] = {
+            "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    for path in GENERATION_PATHS:
+        ok = paths.get(path, {}).get("post", {}).get("responses", {}).get("200")
+        if ok is not None:
+            ok.setdefault("content", {})["text/event-stream"] = {"schema": {
+                "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
+    for operation in paths.get("/admin/partition", {}).values():
+        operation["responses"].update(_error_responses(ADMIN_ERRORS))
+    for operation in paths.get("/v1/models/{model_id}", {}).values():
+        operation["responses"].update(_error_responses({"404": "unknown model"}))
+
+
 def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="semipd", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json, but no /docs: the Swagger page would load its script from a CDN
+    app = FastAPI(title="semipd", version=package_version(), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_document(app)
     drain = DrainState()
     app.state.drain = drain
     app.add_middleware(DrainMiddleware, state=drain)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_body_bytes)
+    # Parsing, chat templates and tokenizing take time in proportion to the body (seconds for megabytes); on
+    # the event loop they would freeze every stream and /health meanwhile. The tokenizer releases the GIL.
+    prompt_pool = ThreadPoolExecutor(thread_name_prefix="semipd-prompt")
+    app.state.prompt_pool = prompt_pool
     tokenizer = engine.tokenizer
     max_token_id = max(tokenizer.get_vocab().values())
     admin_token = AdminToken(server_config.admin_token, server_config.admin_token_file)
@@ -109,16 +229,41 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
     # --- OpenAI surface -------------------------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "semipd",
+    def model_card() -> dict:
+        return {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "semipd",
                 "root": engine.model_dir, "parent": None, "max_model_len": engine.max_model_len,
                 "permission": []}
-        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")      # :path, as served names may hold a slash ("org/model")
+    async def model_by_id(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions", openapi_extra=json_request(CompletionRequest))
     async def completions(request: Request):
-        req = parse_request(await request.body(), CompletionRequest)
+        req, prompts, echo = await off_loop(completion_prompt, await json_body(request))
+        return await generate(request, req, prompts, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False,
+                              echo=echo)
+
+    @app.post("/v1/chat/completions", openapi_extra=json_request(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        req, ids, tools = await off_loop(chat_prompt, await json_body(request))
+        replies = forced = None
+        if tools:
+            choice = req.effective_tool_choice
+            replies = lambda: ToolReply(tools, choice, tool_parser)   # noqa: E731
+            forced = forced_call_grammar(tools, choice, req.parallel_tool_calls is not False)
+        return await generate(request, req, [ids], "messages", None, chat=True, replies=replies, forced=forced)
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(prompt_pool, fn, *args)
+
+    def completion_prompt(raw: bytes) -> tuple[CompletionRequest, list[list[int]], list[str] | None]:
+        req = parse_request(raw, CompletionRequest)
         check_model(req.model)
         if req.echo and req.logprobs is not None:
             raise bad_request("echo: not supported together with logprobs (the prompt's logprobs are not "
@@ -126,35 +271,63 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         prompts = [encode(p, "prompt", add_special_tokens=True) if isinstance(p, str) else list(p)
                    for p in req.prompt]
         echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompt] if req.echo else None
-        return await generate(request, req, prompts, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False,
-                              echo=echo)
+        return req, prompts, echo
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_request(await request.body(), ChatCompletionRequest)
+    def chat_prompt(raw: bytes) -> tuple[ChatCompletionRequest, list[int], list[dict] | None]:
+        req = parse_request(raw, ChatCompletionRequest)
         check_model(req.model)
+        tools = req.tool_dicts() if req.calls_tools else None
+        return req, encode(render_chat(req.messages, tools=tools), "messages", add_special_tokens=False), tools
+
+    def render_chat(messages, add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    tools: list[dict] | None = None) -> str:
         if not tokenizer.chat_template:
             raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
-        tools = req.tool_dicts() if req.calls_tools else None
         try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tools=tools,
-                                                 tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template([m.for_template() for m in messages], tools=tools, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message)
         except Exception as e:      # the template itself may reject a conversation (e.g. role order)
             raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
-        ids = encode(text, "messages", add_special_tokens=False)
-        replies = None
-        if tools:
-            choice = req.effective_tool_choice
-            replies = lambda: ToolReply(tools, choice, tool_parser)   # noqa: E731
-        return await generate(request, req, [ids], "messages", None, chat=True, replies=replies,
-                              forced=forced_call_grammar(tools, req.effective_tool_choice,
-                                                         req.parallel_tool_calls is not False) if tools else None)
+
+    # --- vLLM's side endpoints ------------------------------------------------------------------------------
+    @app.post("/tokenize", openapi_extra=json_request(TokenizeRequest))
+    async def tokenize(request: Request):
+        return await off_loop(tokenize_body, await json_body(request))
+
+    def tokenize_body(raw: bytes) -> dict:
+        req = parse_request(raw, TokenizeRequest)
+        check_model(req.model)
+        if req.prompt is not None:
+            ids = encode(req.prompt, "prompt", add_special_tokens=req.special_tokens)
+        else:
+            text = render_chat(req.messages, req.add_generation_prompt, req.continue_final_message)
+            ids = encode(text, "messages", add_special_tokens=req.special_tokens)
+        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", openapi_extra=json_request(DetokenizeRequest))
+    async def detokenize(request: Request):
+        return await off_loop(detokenize_body, await json_body(request))
+
+    def detokenize_body(raw: bytes) -> dict:
+        req = parse_request(raw, DetokenizeRequest)
+        check_model(req.model)
+        outside = [t for t in req.tokens if not 0 <= t <= max_token_id]
+        if outside:
+            raise bad_request(f"tokens: token id {outside[0]} is outside the vocabulary (ids 0 to {max_token_id})",
+                              "tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": app.version}
 
     def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
         try:
             return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-        except (TypeError, ValueError, UnicodeError) as e:      # e.g. a lone surrogate escape ("\\ud800")
-            raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from None
+        except (TypeError, ValueError, UnicodeError):       # the tokenizer's own words would mean nothing here
+            raise bad_request(f"{param}: the text cannot be tokenized", param) from None
 
     def check_model(name: str | None):
         if name is not None and name != engine.model_name:
@@ -179,7 +352,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                 name for name in ("response_format", "guided_json", "guided_regex", "guided_choice",
                                   "guided_grammar") if getattr(req, name) is not None)
             try:
-                grammar = await asyncio.to_thread(engine.guided.compile, spec)
+                grammar = await off_loop(engine.guided.compile, spec)
             except ValueError as e:
                 raise bad_request(f"{param}: {e}", param) from None
         specs = []
@@ -204,13 +377,17 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         shape = ResponseShape(chat, engine.model_name, req.include_usage, req.return_token_ids)
         log.info("request %s: %d prompt(s) of %s tokens, n %d, max_tokens %d, stream %s", shape.id, len(prompts),
                  "/".join(str(len(ids)) for ids in prompts[:4]), req.n, specs[0][2].max_tokens, req.stream)
-        choices = Choices(engine, shape.id, specs)
+        # the drain knows every engine request, to abort them when the grace period ends
+        choices = Choices(engine, shape.id, specs, registry=drain.engine_requests)
         render = ChoiceRenderer(chat, tokenizer, prompts, req.n, echo)
         if req.stream:
             # Wait for the first output before sending headers: a full queue must still be able to say 503.
             first = await until_disconnect(request, choices.open())
             if first is None:
                 return Response(status_code=499)
+            if cut_short(first[1]):
+                choices.abort()
+                raise shut_down_error()
             body = stream_tools(shape, choices, render, first, replies) if replies else \
                 stream(shape, choices, render, first)
             return StreamingResponse(body, media_type="text/event-stream",
@@ -218,6 +395,8 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         result = await until_disconnect(request, choices.collect())
         if result is None:
             return Response(status_code=499)
+        if drain.cut and any(outs[-1].finish_reason == "abort" for outs in result.values()):
+            raise shut_down_error()
         bodies = []
         for index, outs in sorted(result.items()):
             text, finish, *rest = render.full(index, outs)
@@ -246,6 +425,15 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             if not task.done():      # the handler itself was cancelled
                 task.cancel()
 
+    def cut_short(out) -> bool:
+        """Aborted by the drain when the grace period ended (not by its client)."""
+        return out.finished and out.finish_reason == "abort" and drain.cut
+
+    def shut_down_error() -> APIError:
+        return APIError(503, "the server shut down before this request finished (its grace period ended)",
+                        type="service_unavailable", code="shutting_down",
+                        headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
+
     async def stream(shape: ResponseShape, choices: "Choices", render: "ChoiceRenderer", first):
         # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)
         # are folded into the next chunk, so every chunk a client sees carries at least one token.
@@ -253,14 +441,20 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         try:
             async for index, out in choices.follow(first):
                 held.setdefault(index, []).append(out)
+                if cut_short(out):
+                    text, _, token_ids, logprobs = render.chunk(index, held.pop(index))
+                    if text:
+                        yield sse(shape.chunk(index, text, None, token_ids, logprobs))
+                    yield sse(shut_down_error().body())
+                    break
                 if out.text or out.finished:
                     yield sse(shape.chunk(index, *render.chunk(index, held.pop(index))))
+            else:
+                if shape.include_usage:
+                    yield sse(shape.usage_chunk(render.usage(choices.last)))
         except Exception:
             log.exception("request %s failed while streaming", shape.id)
             yield sse(error_body("internal error while generating", "server_error"))
-        else:
-            if shape.include_usage:
-                yield sse(shape.usage_chunk(render.usage(choices.last)))
         finally:
             choices.abort()
         yield sse("[DONE]")
@@ -270,6 +464,9 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         per_choice: dict[int, ToolReply] = {}
         try:
             async for index, out in choices.follow(first):
+                if cut_short(out):
+                    yield sse(shut_down_error().body())
+                    break
                 reply = per_choice.setdefault(index, replies())
                 text, finish, token_ids, logprobs = render.chunk(index, [out])
                 for delta in reply.feed(text):
@@ -282,12 +479,12 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
                     for delta in deltas[:-1]:
                         yield sse(shape.chat_delta(index, delta, None))
                     yield sse(shape.chat_delta(index, deltas[-1], "tool_calls" if called else finish))
+            else:
+                if shape.include_usage:
+                    yield sse(shape.usage_chunk(render.usage(choices.last)))
         except Exception:
             log.exception("request %s failed while streaming", shape.id)
             yield sse(error_body("internal error while generating", "server_error"))
-        else:
-            if shape.include_usage:
-                yield sse(shape.usage_chunk(render.usage(choices.last)))
         finally:
             choices.abort()
         yield sse("[DONE]")
@@ -299,6 +496,11 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         if drain.draining or getattr(engine, "worker_error", None) is not None:
             return Response(status_code=503)
         return Response(status_code=200)
+
+    @app.get("/ping", operation_id="ping_get")      # vLLM's name for /health, which SageMaker probes
+    @app.post("/ping", operation_id="ping_post")
+    async def ping():
+        return await health()
 
     @app.get("/metrics")
     async def metrics():
@@ -334,7 +536,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         authorize(request)
         if policy != "external":
             raise APIError(409, POLICY_OWNS_SPLIT[policy], type="conflict_error", code=f"partition_policy_{policy}")
-        value = parse_partition(await request.body())
+        value = parse_partition(await json_body(request))
         try:
             result = engine.partition.set(value, source="admin-api")
         except PartitionError as e:
@@ -346,6 +548,17 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         return {**result, "policy": policy}
 
     return app
+
+
+async def json_body(request: Request) -> bytes:
+    """The body of a request that must carry JSON. Any other Content-Type (or none) is refused before the body
+    is read: a browser sends text/plain, form and Content-Type-less bodies cross-site without a CORS preflight,
+    so parsing them as JSON would let any web page start generations on a server it can reach."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        given = f"it is '{media_type}'" if media_type else "none was sent"
+        raise APIError(415, f"Content-Type must be application/json ({given})", code="unsupported_media_type")
+    return await request.body()
 
 
 def parse_partition(raw: bytes) -> dict:
@@ -384,7 +597,16 @@ async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
         try:
             await asyncio.wait_for(drain.idle.wait(), server_config.graceful_timeout)
         except asyncio.TimeoutError:
-            log.warning("grace period over with %d requests in flight; cancelling them", drain.in_flight)
+            log.warning("grace period over with %d requests in flight; ending them", drain.in_flight)
+            # Aborted, each request's final output ends its response with an error (a stream: an error event
+            # and [DONE]); only what still hangs after that is left to uvicorn's cancellation.
+            drain.cut = True
+            for request_id in list(drain.engine_requests):
+                engine.abort(request_id)
+            try:
+                await asyncio.wait_for(drain.idle.wait(), SHUTDOWN_CANCEL_S)
+            except asyncio.TimeoutError:
+                log.warning("%d requests still in flight; cancelling them", drain.in_flight)
         server.should_exit = True
 
     def on_signal(sig: signal.Signals):
@@ -398,7 +620,10 @@ async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        app.state.prompt_pool.shutdown(wait=False, cancel_futures=True)
     if not server.started:
         raise OSError(f"could not listen on {server_config.host}:{server_config.port}")
 

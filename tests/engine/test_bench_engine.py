@@ -19,8 +19,8 @@ def test_semipd_bench_against_semipd_serve(default_server, tmp_path):
     assert "rate 2 req/s: 8/8 completed" in proc.stdout and "TTFT" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["server"]["model"] == "tiny-llama" and doc["simulated"] is False
-    # our server has no /tokenize: prompt lengths were calibrated against usage.prompt_tokens
-    assert doc["prompts"]["counter"] == "usage"
+    # prompt lengths were calibrated with the server's own vLLM-style /tokenize
+    assert doc["prompts"]["counter"] == "tokenize"
     (run,) = doc["runs"]
     s, reqs = run["summary"], run["requests"]
     assert (s["requests"], s["completed"], s["failed"]) == (8, 8, 0)

@@ -105,3 +105,14 @@ def test_max_model_len_defaults_to_what_the_pool_holds(start_server):
     model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
     assert model["max_model_len"] == 20 * 16
     assert "max_model_len set to 320, what the KV pool holds for one request" in server.log()
+
+
+def test_serve_help_shows_every_default_that_matters():
+    out = semipd("serve", "--help", timeout=120)
+    assert out.returncode == 0, out.stderr
+    # past the usage line, with argparse's line wrapping undone
+    help_text = " ".join(out.stdout.split("options:", 1)[1].split())
+    for flag, default in (("--host", "127.0.0.1"), ("--port", "8000"), ("--graceful-timeout", "30.0"),
+                          ("--max-request-body-mib", "16.0")):
+        at = help_text.index(flag + " ")
+        assert f"(default: {default})" in help_text[at:help_text.index("--", at + len(flag))], flag

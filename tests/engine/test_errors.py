@@ -38,7 +38,7 @@ CASES = {
     "temperature negative": (COMPLETIONS, {"prompt": "x", "temperature": -0.1}, 400, "temperature"),
     "temperature too high": (COMPLETIONS, {"prompt": "x", "temperature": 2.5}, 400, "temperature"),
     "temperature string": (COMPLETIONS, {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    "top_p zero": (COMPLETIONS, {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    "top_p negative": (COMPLETIONS, {"prompt": "x", "top_p": -0.1}, 400, "top_p"),
     "top_p above one": (COMPLETIONS, {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     "top_k below -1": (COMPLETIONS, {"prompt": "x", "top_k": -2}, 400, "top_k"),
     "seed string": (COMPLETIONS, {"prompt": "x", "seed": "abc"}, 400, "seed"),
@@ -85,10 +85,18 @@ CASES = {
         "name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}, 400, "tool_choice"),
     "chat tool_choice required without tools": (CHAT, {"messages": MSG, "tool_choice": "required"}, 400,
                                                 "tool_choice"),
+    "stream_options include_usage not bool": (COMPLETIONS, {"prompt": "x", "stream": True,
+                                                            "stream_options": {"include_usage": 1}}, 400,
+                                              "stream_options.include_usage"),
     # JSON allows a lone surrogate escape; no tokenizer can encode it
     "prompt lone surrogate": (COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400, "prompt"),
-    "chat lone surrogate": (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages"),
+    "chat lone surrogate": (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+                            "messages[0].content"),
+    "model lone surrogate": (COMPLETIONS, b'{"prompt": "x", "model": "\\ud800"}', 400, "model"),
+    "stop lone surrogate": (COMPLETIONS, b'{"prompt": "x", "stop": ["ok", "\\udc00"]}', 400, "stop[1]"),
+    "nested too deeply": (COMPLETIONS, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
 }
+SURROGATE_CASES = [case for case in CASES if "surrogate" in case]
 
 
 class Load:
@@ -172,6 +180,17 @@ def test_bad_request_is_a_clear_4xx(default_server, load, case):
     if status == 404:
         assert error["code"] == "model_not_found"
     assert not load.stop.is_set() and all(t.is_alive() for t in load.threads)
+
+
+@pytest.mark.parametrize("case", SURROGATE_CASES)
+def test_lone_surrogate_is_named_without_tokenizer_internals(default_server, load, case):
+    path, body, _, param = CASES[case]
+    r = httpx.post(default_server.url + path, content=body, headers={"content-type": "application/json"},
+                   timeout=60)
+    message = r.json()["error"]["message"]
+    assert message.startswith(f"{param}: ") and "lone UTF-16 surrogate" in message, message
+    for internal in ("TextEncodeInput", "codec", "Union[", "PyString", "Traceback"):
+        assert internal not in message
 
 
 def test_unknown_route_and_method_use_the_error_body(default_server, load):

@@ -2,6 +2,7 @@
 import json
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -56,6 +57,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(start_server):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "late", "max_tokens": 2}, timeout=30)
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "shutting_down"
+    assert int(r.headers["retry-after"]) >= 1          # and the client may try again (another pod) at once
     assert httpx.get(server.url + "/health", timeout=30).status_code == 503
     assert any(s.is_alive() for s in streams), "the streams ended before the refusal could be checked"
 
@@ -70,15 +72,38 @@ def test_sigterm_drains_in_flight_and_refuses_new(start_server):
     assert "shut down cleanly" in server.log()
 
 
-def test_grace_period_ends_long_requests_and_exits_zero(start_server):
+def test_grace_period_ends_long_requests_with_an_error_and_exits_zero(start_server):
     server = start_server(*LONG_CONTEXT, "--graceful-timeout", "1")
-    stream = Stream(server.url, 2000)
-    stream.start()
-    assert stream.started.wait(120) and stream.error is None, stream.error
+    streams = [Stream(server.url, 2000) for _ in range(2)]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.started.wait(120) and stream.error is None, stream.error
+    full = {}
+    waiting = threading.Thread(target=lambda: full.update(response=httpx.post(
+        server.url + "/v1/completions", json={"prompt": "not streamed", "max_tokens": 2000, "ignore_eos": True},
+        timeout=120)))
+    waiting.start()
+    while server.log().count("max_tokens 2000") < 3:     # the engine has all three requests
+        assert server.proc.poll() is None and waiting.is_alive(), server.log()
+        time.sleep(0.1)
 
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0, server.log()
-    stream.join(60)
-    assert "[DONE]" not in stream.events          # cut short, not completed
-    assert "grace period over" in server.log()
+    for stream in streams:
+        stream.join(60)
+        assert stream.error is None, stream.error
+        # cut short, and said so: an error event, then [DONE], no finish_reason and no usage
+        *chunks, error, done = stream.events
+        assert done == "[DONE]"
+        assert error["error"]["code"] == "shutting_down" and error["error"]["type"] == "service_unavailable"
+        assert chunks and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+        assert stream.completion_tokens is None
+    waiting.join(60)
+    r = full["response"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert int(r.headers["retry-after"]) >= 1
+    log = server.log()
+    assert "grace period over" in log
+    assert "Traceback" not in log and "Exception" not in log, log
 

@@ -30,12 +30,13 @@ def test_seed_reproducible_whatever_shares_the_batch():
     assert len(set(alone)) > 1                 # it really samples: a fixed answer would pass the line above
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy():
+def test_top_k_one_and_tiny_or_zero_top_p_are_greedy():
     torch.manual_seed(1)
     logits = torch.randn(8, 64)
     best = logits.argmax(-1).tolist()
     assert sample(logits, [SamplingParams(temperature=1.0, top_k=1)] * 8, [None] * 8) == best
     assert sample(logits, [SamplingParams(temperature=1.0, top_p=1e-6)] * 8, [None] * 8) == best
+    assert sample(logits, [SamplingParams(temperature=1.0, top_p=0)] * 8, [None] * 8) == best
 
 
 def test_top_k_never_leaves_the_k_best():
@@ -46,7 +47,7 @@ def test_top_k_never_leaves_the_k_best():
     assert set(drawn) <= top3 and len(set(drawn)) > 1
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-2),
                                     dict(max_tokens=0)])
 def test_bad_params_rejected(kwargs):
     with pytest.raises(ValueError):
