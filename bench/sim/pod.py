@@ -1,6 +1,6 @@
 """The discrete-event core: a clock with one event heap, and the pods it runs.
 
-`SemiPDPod` models runtime/engine.py: a prefill worker and a decode worker run at the same time, each step's time
+`SemiPDPod` models runtime/engine.py and runtime/scheduler.py: a prefill worker and a decode worker run at the same time, each step's time
 from its own SM share; FCFS prefill under a token budget with chunking (the prompt being chunked first, then new
 requests while budget, KV blocks and decode slots last); continuous-batching decode up to max_num_seqs; one KV
 block pool (block_size tokens per block) that both allocate from; when decode runs out of blocks the newest
