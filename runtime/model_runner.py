@@ -254,14 +254,18 @@ class DecodeGraph:
         bm, n = runner.block_manager, len(seqs)
         positions = [s.num_tokens - 1 for s in seqs]
         pad = self.size - n
-        tables = [s.block_table + [0] * (self.block_tables.shape[1] - len(s.block_table)) for s in seqs]
+        # Only the columns this batch uses: a row's kernel reads no further than its own length, so what an
+        # earlier step left past them is never read, and the host's work stays O(batch x context), not
+        # O(batch x max_model_len).
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         self.input_ids.copy_(torch.tensor([s.last_token_id for s in seqs] + [0] * pad), non_blocking=True)
         self.positions.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slot_mapping.copy_(torch.tensor([bm.slot(s, p) for s, p in zip(seqs, positions)] + [-1] * pad),
                                 non_blocking=True)
         self.seq_lens.copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32),
                             non_blocking=True)
-        self.block_tables[:n].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         self.block_tables[n:].zero_()
         self.graph.replay()
         return self.logits[:n]
