@@ -297,17 +297,41 @@ def deployment(spec: ServiceSpec, replicas: int) -> dict:
 
 
 def service(spec: ServiceSpec) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(spec, spec.name),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": names.selector(spec.name),
-            "ports": [{"name": "http", "port": spec.engine.port, "targetPort": "http", "protocol": "TCP",
-                       "appProtocol": "http"}],
-        },
+    """spec.service adds type, annotations (a cloud's load-balancer settings), labels (the operator's win) and the
+    load-balancer fields; what the operator stops declaring, server-side apply removes."""
+    opts = spec.service
+    meta = _metadata(spec, spec.name, dict(opts.annotations) or None)
+    meta["labels"] = {**opts.labels, **meta["labels"]}
+    body = {
+        "type": opts.type,
+        "selector": names.selector(spec.name),
+        "ports": [{"name": "http", "port": spec.engine.port, "targetPort": "http", "protocol": "TCP",
+                   "appProtocol": "http"}],
     }
+    if opts.load_balancer_class:
+        body["loadBalancerClass"] = opts.load_balancer_class
+    if opts.load_balancer_source_ranges:
+        body["loadBalancerSourceRanges"] = list(opts.load_balancer_source_ranges)
+    if opts.external_traffic_policy:
+        body["externalTrafficPolicy"] = opts.external_traffic_policy
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": body}
+
+
+def pod_disruption_budget(spec: ServiceSpec) -> dict | None:
+    """The PodDisruptionBudget spec.disruptionBudget asks for (None: there must be none). Same selector as the
+    Deployment, so drains and cluster upgrades keep that many engine pods serving."""
+    budget = spec.disruption_budget
+    if budget is None:
+        return None
+    body: dict = {"selector": {"matchLabels": names.selector(spec.name)}}
+    if budget.min_available is not None:
+        body["minAvailable"] = budget.min_available
+    else:
+        body["maxUnavailable"] = budget.max_unavailable
+    if budget.unhealthy_pod_eviction_policy:
+        body["unhealthyPodEvictionPolicy"] = budget.unhealthy_pod_eviction_policy
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _metadata(spec, spec.name),
+            "spec": body}
 
 
 def admin_secret(spec: ServiceSpec, token: str) -> dict:

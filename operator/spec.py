@@ -140,6 +140,23 @@ def pod_template_from(tpl: dict, engine_container: str, reserved_paths: tuple[st
 
 
 @dataclass(frozen=True)
+class DisruptionBudget:
+    min_available: int | str | None = None
+    max_unavailable: int | str | None = None
+    unhealthy_pod_eviction_policy: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    type: str = "ClusterIP"
+    annotations: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    load_balancer_class: str | None = None
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    external_traffic_policy: str | None = None
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     name: str
     namespace: str
@@ -155,6 +172,8 @@ class ServiceSpec:
     pod_template: PodTemplate = PodTemplate()
     max_surge: int | str | None = None
     max_unavailable: int | str | None = None
+    disruption_budget: DisruptionBudget | None = None   # None: no PodDisruptionBudget (an existing one is deleted)
+    service: ServiceOptions = ServiceOptions()
 
     @property
     def controlled(self) -> bool:
@@ -215,13 +234,27 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
 
     pod_template = pod_template_from(spec.get("podTemplate") or {}, names.ENGINE_CONTAINER, names.RESERVED_PATHS)
 
+    pdb = spec.get("disruptionBudget")
+    budget = None
+    if pdb is not None:
+        budget = DisruptionBudget(min_available=pdb.get("minAvailable"), max_unavailable=pdb.get("maxUnavailable"),
+                                  unhealthy_pod_eviction_policy=pdb.get("unhealthyPodEvictionPolicy"))
+        if (budget.min_available is None) == (budget.max_unavailable is None):
+            raise SpecError("spec.disruptionBudget must set exactly one of minAvailable, maxUnavailable")
+    svc = spec.get("service") or {}
+    service = ServiceOptions(type=svc.get("type") or "ClusterIP", annotations=dict(svc.get("annotations") or {}),
+                             labels=dict(svc.get("labels") or {}), load_balancer_class=svc.get("loadBalancerClass"),
+                             load_balancer_source_ranges=tuple(svc.get("loadBalancerSourceRanges") or ()),
+                             external_traffic_policy=svc.get("externalTrafficPolicy"))
+
     rollout = spec.get("rollout") or {}
     return ServiceSpec(
         name=name, namespace=namespace, model=source, engine=engine,
         served_model_name=spec.get("servedModelName") or name,
         replicas=int(spec.get("replicas", 1)), autoscaling=autoscaling,
         resources=resources, partition=partition, slo=slo, prometheus=prometheus, pod_template=pod_template,
-        max_surge=rollout.get("maxSurge"), max_unavailable=rollout.get("maxUnavailable"))
+        max_surge=rollout.get("maxSurge"), max_unavailable=rollout.get("maxUnavailable"),
+        disruption_budget=budget, service=service)
 
 
 def _quantity(value) -> str | None:

@@ -697,3 +697,72 @@ def test_pod_template_schema_is_the_api_servers_own(kube, namespace):
     with pytest.raises(ApiError) as err:
         create(kube, namespace, mixed)
     assert err.value.status == 422 and "mixes the pod template form" in err.value.message
+
+
+def test_disruption_budget_and_service_options_follow_the_spec(kube, namespace, operator):
+    """spec.disruptionBudget makes a PodDisruptionBudget owned by the service (the real disruption controller
+    counts the engine pods against it), changes with it and goes when the option is removed; spec.service sets the
+    Service's type, annotations and load-balancer fields, and taking them away takes them off the Service."""
+    annotations = {"service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"}
+    created = create(kube, namespace, manifest(
+        "lb", replicas=2, disruptionBudget={"minAvailable": 1},
+        service={"type": "LoadBalancer", "annotations": annotations, "labels": {"exposed": "yes"},
+                 "loadBalancerSourceRanges": ["10.0.0.0/8"], "externalTrafficPolicy": "Local"}))
+    poll(reconciled(kube, namespace, "lb"), WAIT, what="reconciled", log=operator.log)
+    pdb = kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb")
+    assert owner_is(pdb, created) and pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == {"matchLabels": {names.SERVICE_LABEL: "lb"}}
+    # The disruption controller (kube-controller-manager) finds the engine pods through it.
+    poll(lambda: (kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb").get("status") or {}).get(
+        "expectedPods") == 2, WAIT, what="the disruption controller counting 2 pods", log=operator.log)
+    svc = kube.get("v1", "services", namespace, "lb")
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["ports"][0]["nodePort"] > 0
+    assert svc["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"] and svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["spec"]["healthCheckNodePort"] > 0       # allocated by the API server for Local
+    assert svc["metadata"]["annotations"].items() >= annotations.items()
+    assert svc["metadata"]["labels"]["exposed"] == "yes" and svc["metadata"]["labels"][names.MANAGED_BY_LABEL] == \
+        names.MANAGED_BY
+
+    patch_spec(kube, namespace, "lb", {"disruptionBudget": {"minAvailable": None, "maxUnavailable": "50%"}})
+    poll(lambda: kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb")["spec"].get("maxUnavailable") ==
+         "50%", WAIT, what="the budget updated", log=operator.log)
+    assert "minAvailable" not in kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb")["spec"]
+
+    # Exactly one of the two, as Kubernetes requires, is checked before anything is stored.
+    with pytest.raises(ApiError) as err:
+        patch_spec(kube, namespace, "lb", {"disruptionBudget": {"minAvailable": 1}})
+    assert err.value.status == 422 and "exactly one of minAvailable, maxUnavailable" in err.value.message
+    with pytest.raises(ApiError) as err:
+        patch_spec(kube, namespace, "lb", {"service": {"type": "ClusterIP"}})
+    assert err.value.status == 422 and "externalTrafficPolicy needs type NodePort or LoadBalancer" in err.value.message
+
+    patch_spec(kube, namespace, "lb", {"disruptionBudget": None, "service": None})
+    poll(lambda: kube.get_or_none("policy/v1", "poddisruptionbudgets", namespace, "lb") is None, WAIT,
+         what="the budget deleted with its option", log=operator.log)
+
+    def plain():
+        s = kube.get("v1", "services", namespace, "lb")
+        return s if s["spec"]["type"] == "ClusterIP" else None
+    svc = poll(plain, WAIT, what="the Service back to ClusterIP", log=operator.log)
+    assert "nodePort" not in svc["spec"]["ports"][0] and "loadBalancerSourceRanges" not in svc["spec"]
+    assert not (svc["metadata"].get("annotations") or {}).keys() & annotations.keys()
+    assert "exposed" not in svc["metadata"]["labels"]
+    assert any(e["reason"] == "Deleted" for e in events(kube, namespace, "lb"))
+
+
+def test_a_budget_that_is_not_the_services_is_never_deleted(kube, namespace, operator):
+    foreign = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+               "metadata": {"name": "keep", "namespace": namespace},
+               "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "other"}}}}
+    kube.create(foreign, "poddisruptionbudgets")
+    create(kube, namespace, manifest("keep"))     # no disruptionBudget: the operator must leave "keep" alone
+    poll(reconciled(kube, namespace, "keep"), WAIT, what="reconciled", log=operator.log)
+    assert kube.get("policy/v1", "poddisruptionbudgets", namespace, "keep")["spec"]["maxUnavailable"] == 1
+    patch_spec(kube, namespace, "keep", {"disruptionBudget": {"maxUnavailable": 2}})
+
+    def conflict():
+        obj = get_spd(kube, namespace, "keep")
+        return obj if condition(obj, "Stalled").get("reason") == "NameConflict" else None
+    obj = poll(conflict, WAIT, what="Stalled=True NameConflict", log=operator.log)
+    assert "PodDisruptionBudget keep already exists" in condition(obj, "Stalled")["message"]
+    assert kube.get("policy/v1", "poddisruptionbudgets", namespace, "keep")["spec"]["maxUnavailable"] == 1

@@ -118,6 +118,8 @@ def test_crd_defaults_equal_the_operators():
     assert (auto["scaleDownStabilizationSeconds"]["default"], auto["targetUtilization"]["default"]) == (
         scaled.scale_down_stabilization_seconds, scaled.target_utilization)
     assert sp["partition"]["properties"]["backend"]["enum"] == ["auto", "greenctx", "shared", "cpu"]
+    assert sp["service"]["properties"]["type"]["default"] == parsed.service.type
+    assert parsed.disruption_budget is None and "default" not in sp["disruptionBudget"]
 
 
 def _paths(value, path=""):
