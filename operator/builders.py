@@ -3,6 +3,7 @@
 What rolls pods is exactly what is in the pod template; replicas live on the Deployment and the split lives in
 each pod's annotation, so neither can ever change the template or its hash."""
 import base64
+import copy
 import hashlib
 import json
 
@@ -94,8 +95,6 @@ def _volumes(spec: ServiceSpec) -> tuple[list[dict], list[dict]]:
     if model is not None:
         volumes.append(model)
         mounts.append({"name": "model", "mountPath": names.MODEL_DIR, "readOnly": not spec.model.uri})
-    volumes += [dict(v) for v in spec.pod_template.volumes]
-    mounts += [dict(m) for m in spec.pod_template.volume_mounts]
     return volumes, mounts
 
 
@@ -136,7 +135,8 @@ def _probe(period: int, failures: int, timeout: int) -> dict:
             "failureThreshold": failures, "timeoutSeconds": timeout}
 
 
-def pod_template(spec: ServiceSpec) -> dict:
+def operator_pod_template(spec: ServiceSpec) -> dict:
+    """The pod the operator needs, before spec.podTemplate is merged in."""
     volumes, mounts = _volumes(spec)
     container = {
         "name": names.ENGINE_CONTAINER,
@@ -159,9 +159,6 @@ def pod_template(spec: ServiceSpec) -> dict:
     }
     if spec.engine.image_pull_policy:
         container["imagePullPolicy"] = spec.engine.image_pull_policy
-    tpl = spec.pod_template
-    annotations = {k: v for k, v in tpl.annotations.items() if k != names.SPLIT_ANNOTATION}
-    annotations["kubectl.kubernetes.io/default-container"] = names.ENGINE_CONTAINER
     pod_spec = {
         "containers": [container],
         "volumes": volumes,
@@ -177,22 +174,91 @@ def pod_template(spec: ServiceSpec) -> dict:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    if tpl.node_selector:
-        pod_spec["nodeSelector"] = dict(tpl.node_selector)
-    if tpl.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in tpl.tolerations]
-    if tpl.affinity:
-        pod_spec["affinity"] = tpl.affinity
-    if tpl.service_account_name:
-        pod_spec["serviceAccountName"] = tpl.service_account_name
-    if tpl.runtime_class_name:
-        pod_spec["runtimeClassName"] = tpl.runtime_class_name
-    if tpl.priority_class_name:
-        pod_spec["priorityClassName"] = tpl.priority_class_name
     return {
-        "metadata": {"labels": {**tpl.labels, **names.child_labels(spec.name)}, "annotations": annotations},
+        "metadata": {"labels": names.child_labels(spec.name),
+                     "annotations": {"kubectl.kubernetes.io/default-container": names.ENGINE_CONTAINER}},
         "spec": pod_spec,
     }
+
+
+# The operator's volumes a podTemplate may replace (by name, or by mounting something else at their path).
+REPLACEABLE_VOLUMES = {"tmp": "/tmp", "dshm": "/dev/shm"}
+
+
+def pod_template(spec: ServiceSpec) -> dict:
+    """The operator's pod with spec.podTemplate merged in, strategic-merge style (docs/operator.md):
+    * labels and annotations are added; the operator's labels (the selector) and its default-container annotation
+      win, and semipd.io/sm-partition is never taken from the template (it is the split, set per pod);
+    * containers merge by name: the one named `engine` merges into the operator's engine container, any other is
+      added after it (sidecars); initContainers, imagePullSecrets, tolerations and the rest are the template's;
+    * in the engine container, env merges by name and volumeMounts by mountPath (the template's entry replaces
+      the operator's: HOME, /tmp, /dev/shm), envFrom is added, resources merge key by key with spec.resources
+      winning, securityContext merges field by field with the template winning, and spec.engine.imagePullPolicy
+      wins when set; image, command, args, ports and probes are the operator's (spec.parse refuses them);
+    * volumes merge by name (podinfo, admin-token and model are the operator's: spec.parse refuses them); an
+      operator volume (tmp, dshm) no container mounts any more is dropped;
+    * the pod securityContext merges field by field, the template winning; any other PodSpec field is the
+      template's where it sets one.
+    With an empty template the result is the operator's pod, unchanged, so upgrading restarts nothing."""
+    base = operator_pod_template(spec)
+    user_meta, user_spec = spec.pod_template.metadata, spec.pod_template.spec
+    meta = base["metadata"]
+    user_annotations = {k: v for k, v in (user_meta.get("annotations") or {}).items() if k != names.SPLIT_ANNOTATION}
+    meta["labels"] = {**(user_meta.get("labels") or {}), **meta["labels"]}
+    meta["annotations"] = {**user_annotations, **meta["annotations"]}
+    pod = base["spec"]
+    for key, value in user_spec.items():
+        if key == "containers":
+            pod["containers"] = _merge_containers(pod["containers"], value, spec)
+        elif key == "volumes":
+            pod["volumes"] = _merge_by(pod["volumes"], value, "name")
+        elif key == "securityContext":
+            pod["securityContext"] = {**pod["securityContext"], **copy.deepcopy(value)}
+        else:
+            pod[key] = copy.deepcopy(value)
+    mounted = {m.get("name") for c in pod["containers"] + pod.get("initContainers", []) for m in c.get("volumeMounts") or ()}
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] not in REPLACEABLE_VOLUMES or v["name"] in mounted]
+    return base
+
+
+def _merge_by(ours: list[dict], theirs: list[dict], key: str) -> list[dict]:
+    """Our entries in order, each replaced by the template's entry with the same key; then the template's others."""
+    theirs_by = {t.get(key): t for t in theirs}
+    merged = [copy.deepcopy(theirs_by.pop(o.get(key))) if o.get(key) in theirs_by else o for o in ours]
+    return merged + [copy.deepcopy(t) for t in theirs if t.get(key) in theirs_by]
+
+
+def _merge_containers(ours: list[dict], theirs: list[dict], spec: ServiceSpec) -> list[dict]:
+    (engine,) = ours
+    out = [engine]
+    for c in theirs:
+        if c.get("name") != names.ENGINE_CONTAINER:
+            out.append(copy.deepcopy(c))
+            continue
+        for key, value in c.items():
+            if key == "env":
+                engine["env"] = _merge_by(engine["env"], value, "name")
+            elif key == "volumeMounts":
+                engine["volumeMounts"] = _merge_by(engine["volumeMounts"], value, "mountPath")
+            elif key == "envFrom":
+                engine["envFrom"] = copy.deepcopy(value)
+            elif key == "resources":
+                engine["resources"] = _merge_resources(engine.get("resources") or {}, value)
+            elif key == "securityContext":
+                engine["securityContext"] = {**engine["securityContext"], **copy.deepcopy(value)}
+            elif key == "imagePullPolicy":
+                engine["imagePullPolicy"] = spec.engine.image_pull_policy or value
+            elif key != "name":
+                engine[key] = copy.deepcopy(value)
+    return out
+
+
+def _merge_resources(ours: dict, theirs: dict) -> dict:
+    out = copy.deepcopy(theirs)
+    for part in ("requests", "limits"):
+        if ours.get(part):
+            out[part] = {**(theirs.get(part) or {}), **ours[part]}
+    return {k: v for k, v in out.items() if v}
 
 
 def template_hash(template: dict) -> str:
@@ -231,17 +297,41 @@ def deployment(spec: ServiceSpec, replicas: int) -> dict:
 
 
 def service(spec: ServiceSpec) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(spec, spec.name),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": names.selector(spec.name),
-            "ports": [{"name": "http", "port": spec.engine.port, "targetPort": "http", "protocol": "TCP",
-                       "appProtocol": "http"}],
-        },
+    """spec.service adds type, annotations (a cloud's load-balancer settings), labels (the operator's win) and the
+    load-balancer fields; what the operator stops declaring, server-side apply removes."""
+    opts = spec.service
+    meta = _metadata(spec, spec.name, dict(opts.annotations) or None)
+    meta["labels"] = {**opts.labels, **meta["labels"]}
+    body = {
+        "type": opts.type,
+        "selector": names.selector(spec.name),
+        "ports": [{"name": "http", "port": spec.engine.port, "targetPort": "http", "protocol": "TCP",
+                   "appProtocol": "http"}],
     }
+    if opts.load_balancer_class:
+        body["loadBalancerClass"] = opts.load_balancer_class
+    if opts.load_balancer_source_ranges:
+        body["loadBalancerSourceRanges"] = list(opts.load_balancer_source_ranges)
+    if opts.external_traffic_policy:
+        body["externalTrafficPolicy"] = opts.external_traffic_policy
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": body}
+
+
+def pod_disruption_budget(spec: ServiceSpec) -> dict | None:
+    """The PodDisruptionBudget spec.disruptionBudget asks for (None: there must be none). Same selector as the
+    Deployment, so drains and cluster upgrades keep that many engine pods serving."""
+    budget = spec.disruption_budget
+    if budget is None:
+        return None
+    body: dict = {"selector": {"matchLabels": names.selector(spec.name)}}
+    if budget.min_available is not None:
+        body["minAvailable"] = budget.min_available
+    else:
+        body["maxUnavailable"] = budget.max_unavailable
+    if budget.unhealthy_pod_eviction_policy:
+        body["unhealthyPodEvictionPolicy"] = budget.unhealthy_pod_eviction_policy
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _metadata(spec, spec.name),
+            "spec": body}
 
 
 def admin_secret(spec: ServiceSpec, token: str) -> dict:

@@ -26,6 +26,8 @@ ADMIN_DIR = "/etc/semipd/admin"
 PARTITION_FILE = f"{PODINFO_DIR}/sm-partition"
 ADMIN_TOKEN_FILE = f"{ADMIN_DIR}/token"
 ADMIN_TOKEN_KEY = "token"
+# Mount paths of the engine container that a podTemplate cannot take over.
+RESERVED_PATHS = (PODINFO_DIR, ADMIN_DIR, MODEL_DIR)
 
 # The split the engine boots with before it reads the partition file. It is a constant on purpose: were it the
 # desired split, a split change would change the pod template and roll every pod. The operator annotates new

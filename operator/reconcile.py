@@ -11,6 +11,7 @@ import kopf
 from semipd.operator import builders, conditions, names, pods, spec as specs, status, tokens
 from semipd.operator.control import Control
 from semipd.operator.kube import ApiError, Kube
+from semipd.operator.kube import path as kube_path
 from semipd.policy import Decision
 
 log = logging.getLogger("semipd.operator.reconcile")
@@ -68,6 +69,7 @@ def reconcile(kube: Kube, body: dict, token_key: bytes, settings: Settings = Set
         deployment, template_hash, history = apply_deployment(kube, spec, body, old_status.get("history"),
                                                               emit, now, view.replicas)
         apply_service(kube, spec, body, emit)
+        apply_disruption_budget(kube, spec, body, emit)
         apply_pod_monitor(kube, spec, body, emit)
     except Rejected as e:
         _fail(kube, body, str(e), e.reason, emit, now, view.metrics)
@@ -277,6 +279,35 @@ def apply_service(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) 
     if current is None:
         emit("Created", f"Service {spec.name} on port {spec.engine.port}")
     return result
+
+
+def apply_disruption_budget(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) -> dict | None:
+    """Apply the PodDisruptionBudget spec.disruptionBudget asks for; without one, delete the operator's own (and
+    only that one: an object of that name that is not this service's is never touched)."""
+    current = kube.get_or_none("policy/v1", "poddisruptionbudgets", spec.namespace, spec.name)
+    wanted = builders.pod_disruption_budget(spec)
+    if wanted is None:
+        if current is None or _not_ours(current, owner) or not _owned_by(current, owner):
+            return None
+        uid = current["metadata"]["uid"]
+        try:
+            kube.request("DELETE", kube_path("policy/v1", "poddisruptionbudgets", spec.namespace, spec.name),
+                         body={"preconditions": {"uid": uid}})     # the one checked above, not a newer one
+        except ApiError as e:
+            if not (e.not_found or e.conflict):
+                raise
+        else:
+            emit("Deleted", f"PodDisruptionBudget {spec.name}: spec.disruptionBudget was removed")
+        return None
+    result = kube.apply(_adopt(wanted, owner, current), "poddisruptionbudgets")
+    if current is None:
+        emit("Created", f"PodDisruptionBudget {spec.name}")
+    return result
+
+
+def _owned_by(obj: dict, owner: dict) -> bool:
+    return any(r.get("controller") and r.get("uid") == owner["metadata"]["uid"]
+               for r in obj["metadata"].get("ownerReferences") or [])
 
 
 def apply_pod_monitor(kube: Kube, spec: specs.ServiceSpec, owner: dict, emit: Emit) -> bool:

@@ -1,8 +1,11 @@
 """A SemiPDService spec as plain dataclasses. The API server has already validated and defaulted the object
 (crds/semipdservice.yaml); the defaults here only matter for specs that never went through it, and a unit test
 keeps them equal to the CRD's."""
+import copy
 from dataclasses import dataclass, field
 from typing import Any
+
+from semipd.operator import names
 
 
 class SpecError(ValueError):
@@ -74,18 +77,83 @@ class Autoscaling:
     target_utilization: float = 0.8
 
 
+# What spec.podTemplate may not set, because the operator's pods depend on it (docs/operator.md). Rejected with
+# InvalidSpec rather than silently replaced, so the author learns where the value must go instead.
+OWNED_ENGINE_FIELDS = {
+    "image": "spec.engine.image", "command": "the operator (semipd)", "args": "spec.engine.args",
+    "ports": "spec.engine.port", "startupProbe": "the operator", "readinessProbe": "the operator",
+    "livenessProbe": "the operator",
+}
+RESERVED_VOLUMES = ("podinfo", "admin-token", "model")     # the split file, the admin token, the model
+LEGACY_SPEC_FIELDS = ("nodeSelector", "tolerations", "affinity", "volumes", "serviceAccountName",
+                      "runtimeClassName", "priorityClassName")
+
+
 @dataclass(frozen=True)
 class PodTemplate:
-    labels: dict = field(default_factory=dict)
+    """spec.podTemplate as one pod template: `metadata` (labels, annotations) and a PodSpec, with the older flat
+    fields already moved to where they belong (volumeMounts onto the engine container)."""
+    metadata: dict = field(default_factory=dict)
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> dict:
+        return dict(self.metadata.get("labels") or {})
+
+    @property
+    def annotations(self) -> dict:
+        return dict(self.metadata.get("annotations") or {})
+
+
+def pod_template_from(tpl: dict, engine_container: str, reserved_paths: tuple[str, ...]) -> PodTemplate:
+    """Normalise spec.podTemplate (either form) and refuse what the operator owns."""
+    tpl = copy.deepcopy(tpl or {})
+    legacy = {k: tpl.pop(k) for k in ("labels", "annotations", "volumeMounts", *LEGACY_SPEC_FIELDS) if k in tpl}
+    metadata, pod_spec = tpl.get("metadata") or {}, tpl.get("spec") or {}
+    if legacy and ("metadata" in tpl or "spec" in tpl):     # as the CRD's rule: present, even if empty
+        raise SpecError("spec.podTemplate mixes the pod template form (metadata, spec) with the older flat fields "
+                        f"({', '.join(sorted(legacy))}); use one form")
+    if legacy:
+        metadata = {k: legacy[k] for k in ("labels", "annotations") if legacy.get(k)}
+        pod_spec = {k: legacy[k] for k in LEGACY_SPEC_FIELDS if legacy.get(k)}
+        if legacy.get("volumeMounts"):
+            pod_spec["containers"] = [{"name": engine_container, "volumeMounts": legacy["volumeMounts"]}]
+    for c in pod_spec.get("containers") or ():
+        if c.get("name") != engine_container:
+            continue
+        owned = sorted(f for f in OWNED_ENGINE_FIELDS if f in c)
+        if owned:
+            raise SpecError(f"spec.podTemplate.spec.containers[name={engine_container}] sets {', '.join(owned)}, "
+                            "which the operator owns; set " + "; ".join(
+                                f"{f} through {OWNED_ENGINE_FIELDS[f]}" for f in owned))
+        for m in c.get("volumeMounts") or ():
+            if m.get("mountPath", "").rstrip("/") in reserved_paths:
+                raise SpecError(f"spec.podTemplate mounts {m['mountPath']} into the {engine_container} container; "
+                                f"the operator owns {', '.join(reserved_paths)}")
+    for v in pod_spec.get("volumes") or ():
+        if v.get("name") in RESERVED_VOLUMES:
+            raise SpecError(f"spec.podTemplate.spec.volumes names {v['name']!r}; the operator owns the volumes "
+                            f"{', '.join(RESERVED_VOLUMES)}: choose another name")
+    if "ephemeralContainers" in pod_spec:
+        raise SpecError("spec.podTemplate.spec.ephemeralContainers: a pod template cannot carry ephemeral containers")
+    return PodTemplate(metadata=metadata, spec=pod_spec)
+
+
+@dataclass(frozen=True)
+class DisruptionBudget:
+    min_available: int | str | None = None
+    max_unavailable: int | str | None = None
+    unhealthy_pod_eviction_policy: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    type: str = "ClusterIP"
     annotations: dict = field(default_factory=dict)
-    node_selector: dict = field(default_factory=dict)
-    tolerations: tuple[dict, ...] = ()
-    affinity: dict | None = None
-    volumes: tuple[dict, ...] = ()
-    volume_mounts: tuple[dict, ...] = ()
-    service_account_name: str | None = None
-    runtime_class_name: str | None = None
-    priority_class_name: str | None = None
+    labels: dict = field(default_factory=dict)
+    load_balancer_class: str | None = None
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    external_traffic_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +172,8 @@ class ServiceSpec:
     pod_template: PodTemplate = PodTemplate()
     max_surge: int | str | None = None
     max_unavailable: int | str | None = None
+    disruption_budget: DisruptionBudget | None = None   # None: no PodDisruptionBudget (an existing one is deleted)
+    service: ServiceOptions = ServiceOptions()
 
     @property
     def controlled(self) -> bool:
@@ -162,13 +232,20 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
         if autoscaling.min_replicas > autoscaling.max_replicas:
             raise SpecError("spec.autoscaling.minReplicas must be less than or equal to maxReplicas")
 
-    tpl = spec.get("podTemplate") or {}
-    pod_template = PodTemplate(
-        labels=dict(tpl.get("labels") or {}), annotations=dict(tpl.get("annotations") or {}),
-        node_selector=dict(tpl.get("nodeSelector") or {}), tolerations=tuple(tpl.get("tolerations") or ()),
-        affinity=tpl.get("affinity"), volumes=tuple(tpl.get("volumes") or ()),
-        volume_mounts=tuple(tpl.get("volumeMounts") or ()), service_account_name=tpl.get("serviceAccountName"),
-        runtime_class_name=tpl.get("runtimeClassName"), priority_class_name=tpl.get("priorityClassName"))
+    pod_template = pod_template_from(spec.get("podTemplate") or {}, names.ENGINE_CONTAINER, names.RESERVED_PATHS)
+
+    pdb = spec.get("disruptionBudget")
+    budget = None
+    if pdb is not None:
+        budget = DisruptionBudget(min_available=pdb.get("minAvailable"), max_unavailable=pdb.get("maxUnavailable"),
+                                  unhealthy_pod_eviction_policy=pdb.get("unhealthyPodEvictionPolicy"))
+        if (budget.min_available is None) == (budget.max_unavailable is None):
+            raise SpecError("spec.disruptionBudget must set exactly one of minAvailable, maxUnavailable")
+    svc = spec.get("service") or {}
+    service = ServiceOptions(type=svc.get("type") or "ClusterIP", annotations=dict(svc.get("annotations") or {}),
+                             labels=dict(svc.get("labels") or {}), load_balancer_class=svc.get("loadBalancerClass"),
+                             load_balancer_source_ranges=tuple(svc.get("loadBalancerSourceRanges") or ()),
+                             external_traffic_policy=svc.get("externalTrafficPolicy"))
 
     rollout = spec.get("rollout") or {}
     return ServiceSpec(
@@ -176,7 +253,8 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
         served_model_name=spec.get("servedModelName") or name,
         replicas=int(spec.get("replicas", 1)), autoscaling=autoscaling,
         resources=resources, partition=partition, slo=slo, prometheus=prometheus, pod_template=pod_template,
-        max_surge=rollout.get("maxSurge"), max_unavailable=rollout.get("maxUnavailable"))
+        max_surge=rollout.get("maxSurge"), max_unavailable=rollout.get("maxUnavailable"),
+        disruption_budget=budget, service=service)
 
 
 def _quantity(value) -> str | None:

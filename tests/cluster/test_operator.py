@@ -605,3 +605,164 @@ def test_kstatus_conditions_and_the_argocd_health_check_follow_the_service(kube,
                and condition(o, "Ready").get("reason") == "ScaledToZero" and o, WAIT, what="scaled to zero",
                log=operator.log)
     assert argocd_health.health(obj)["status"] == "Suspended"
+
+
+POD_TEMPLATE = {
+    "metadata": {"labels": {"team": "search"}, "annotations": {"example.com/owner": "search"}},
+    "spec": {
+        "containers": [
+            {"name": "engine", "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+             "resources": {"limits": {"ephemeral-storage": "20Gi"}},
+             "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}]},
+            {"name": "proxy", "image": "registry.invalid/envoy:1.31", "ports": [{"containerPort": 9901}]},
+        ],
+        "initContainers": [{"name": "warm-cache", "image": "registry.invalid/busybox:1.36",
+                            "command": ["true"]}],
+        "imagePullSecrets": [{"name": "registry-credentials"}],
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}],
+    },
+}
+
+
+def test_pod_template_renders_into_the_deployment_and_its_pods(kube, namespace, operator):
+    """A sidecar, an init container, imagePullSecrets, tolerations and a sized /dev/shm from spec.podTemplate
+    reach the Deployment and, through the real ReplicaSet controller, the pods; the engine stays the operator's."""
+    created = create(kube, namespace, manifest("tpl", podTemplate=POD_TEMPLATE))
+    # The API server kept the template (a structural schema would prune what it does not declare).
+    assert created["spec"]["podTemplate"] == POD_TEMPLATE
+    poll(reconciled(kube, namespace, "tpl"), WAIT, what="reconciled", log=operator.log)
+    tpl = deployment(kube, namespace, "tpl")["spec"]["template"]
+    pod = tpl["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["engine", "proxy"]
+    assert [c["name"] for c in pod["initContainers"]] == ["warm-cache"]
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert pod["tolerations"] == POD_TEMPLATE["spec"]["tolerations"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"} and "dshm" not in vols
+    assert tpl["metadata"]["labels"]["team"] == "search" and tpl["metadata"]["labels"][names.SERVICE_LABEL] == "tpl"
+    engine = pod["containers"][0]
+    parsed = specs.parse("tpl", namespace, created["spec"])
+    assert engine["image"] == "registry.invalid/semipd:1.0" and engine["args"] == builders.engine_args(parsed)
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in engine["env"]
+    assert engine["resources"]["limits"]["ephemeral-storage"] == "20Gi"
+    assert {m["mountPath"]: m["name"] for m in engine["volumeMounts"]}["/dev/shm"] == "shm"
+    # The controller-manager made a real pod from it.
+    (p,) = poll(lambda: live_pods(kube, namespace, "tpl") or None, WAIT, what="a pod", log=operator.log)
+    assert [c["name"] for c in p["spec"]["containers"]] == ["engine", "proxy"]
+    assert [c["name"] for c in p["spec"]["initContainers"]] == ["warm-cache"]
+
+    # The engine's image and args are the operator's: a template that sets them is refused, with the reason in
+    # status, and the running Deployment is left as it was.
+    hijack = copy.deepcopy(POD_TEMPLATE)
+    hijack["spec"]["containers"][0].update(image="registry.invalid/other:6.6", args=["sleep", "inf"])
+    patch_spec(kube, namespace, "tpl", {"podTemplate": hijack})
+
+    def refused():
+        obj = get_spd(kube, namespace, "tpl")
+        return obj if obj["status"].get("observedGeneration") == 2 and condition(obj, "Stalled").get(
+            "reason") == "InvalidSpec" else None
+    obj = poll(refused, WAIT, what="Stalled=True InvalidSpec", log=operator.log)
+    message = condition(obj, "Stalled")["message"]
+    assert "args, image, which the operator owns" in message and "spec.engine.image" in message
+    assert deployment(kube, namespace, "tpl")["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.invalid/semipd:1.0"
+
+    patch_spec(kube, namespace, "tpl", {"podTemplate": POD_TEMPLATE})
+    poll(reconciled(kube, namespace, "tpl"), WAIT, what="reconciled once the template is fixed", log=operator.log)
+
+
+def test_pod_template_schema_is_the_api_servers_own(kube, namespace):
+    """The CRD's podTemplate schema is what operator/podschema.py makes of the OpenAPI this very API server
+    serves (a Kubernetes upgrade that adds a PodSpec field fails here until the CRD is regenerated), and the
+    server validates a template with it: unknown fields and wrong types are refused, not pruned."""
+    from semipd.operator import podschema
+    live = podschema.podtemplate_block(kube.request("GET", "/openapi/v3/api/v1"))
+    ours_ = crd.schema()["properties"]["spec"]["properties"]["podTemplate"]["properties"]
+    assert {k: ours_[k] for k in live} == live, (
+        "regenerate: python -m semipd.operator.podschema --kubeconfig KUBECONFIG, then copy crds/ to the chart")
+
+    m = manifest("typo", podTemplate={"spec": {"containers": [{"name": "side", "image": "x", "imagePullPolcy": "A"}]}})
+    m["metadata"]["namespace"] = namespace
+    with pytest.raises(ApiError) as err:
+        kube.request("POST", f"/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}", body=m,
+                     query={"fieldValidation": "Strict"})
+    assert 'unknown field "spec.podTemplate.spec.containers[0].imagePullPolcy"' in err.value.message
+    bad = manifest("badport", podTemplate={"spec": {"containers": [
+        {"name": "side", "image": "x", "ports": [{"containerPort": "http"}]}]}})
+    with pytest.raises(ApiError) as err:
+        create(kube, namespace, bad)
+    assert err.value.status == 422 and "containers[0].ports[0].containerPort" in err.value.message
+    mixed = manifest("mixed", podTemplate={"nodeSelector": {"a": "b"}, "spec": {"schedulerName": "x"}})
+    with pytest.raises(ApiError) as err:
+        create(kube, namespace, mixed)
+    assert err.value.status == 422 and "mixes the pod template form" in err.value.message
+
+
+def test_disruption_budget_and_service_options_follow_the_spec(kube, namespace, operator):
+    """spec.disruptionBudget makes a PodDisruptionBudget owned by the service (the real disruption controller
+    counts the engine pods against it), changes with it and goes when the option is removed; spec.service sets the
+    Service's type, annotations and load-balancer fields, and taking them away takes them off the Service."""
+    annotations = {"service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"}
+    created = create(kube, namespace, manifest(
+        "lb", replicas=2, disruptionBudget={"minAvailable": 1},
+        service={"type": "LoadBalancer", "annotations": annotations, "labels": {"exposed": "yes"},
+                 "loadBalancerSourceRanges": ["10.0.0.0/8"], "externalTrafficPolicy": "Local"}))
+    poll(reconciled(kube, namespace, "lb"), WAIT, what="reconciled", log=operator.log)
+    pdb = kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb")
+    assert owner_is(pdb, created) and pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == {"matchLabels": {names.SERVICE_LABEL: "lb"}}
+    # The disruption controller (kube-controller-manager) finds the engine pods through it.
+    poll(lambda: (kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb").get("status") or {}).get(
+        "expectedPods") == 2, WAIT, what="the disruption controller counting 2 pods", log=operator.log)
+    svc = kube.get("v1", "services", namespace, "lb")
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["ports"][0]["nodePort"] > 0
+    assert svc["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"] and svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["spec"]["healthCheckNodePort"] > 0       # allocated by the API server for Local
+    assert svc["metadata"]["annotations"].items() >= annotations.items()
+    assert svc["metadata"]["labels"]["exposed"] == "yes" and svc["metadata"]["labels"][names.MANAGED_BY_LABEL] == \
+        names.MANAGED_BY
+
+    patch_spec(kube, namespace, "lb", {"disruptionBudget": {"minAvailable": None, "maxUnavailable": "50%"}})
+    poll(lambda: kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb")["spec"].get("maxUnavailable") ==
+         "50%", WAIT, what="the budget updated", log=operator.log)
+    assert "minAvailable" not in kube.get("policy/v1", "poddisruptionbudgets", namespace, "lb")["spec"]
+
+    # Exactly one of the two, as Kubernetes requires, is checked before anything is stored.
+    with pytest.raises(ApiError) as err:
+        patch_spec(kube, namespace, "lb", {"disruptionBudget": {"minAvailable": 1}})
+    assert err.value.status == 422 and "exactly one of minAvailable, maxUnavailable" in err.value.message
+    with pytest.raises(ApiError) as err:
+        patch_spec(kube, namespace, "lb", {"service": {"type": "ClusterIP"}})
+    assert err.value.status == 422 and "externalTrafficPolicy needs type NodePort or LoadBalancer" in err.value.message
+
+    patch_spec(kube, namespace, "lb", {"disruptionBudget": None, "service": None})
+    poll(lambda: kube.get_or_none("policy/v1", "poddisruptionbudgets", namespace, "lb") is None, WAIT,
+         what="the budget deleted with its option", log=operator.log)
+
+    def plain():
+        s = kube.get("v1", "services", namespace, "lb")
+        return s if s["spec"]["type"] == "ClusterIP" else None
+    svc = poll(plain, WAIT, what="the Service back to ClusterIP", log=operator.log)
+    assert "nodePort" not in svc["spec"]["ports"][0] and "loadBalancerSourceRanges" not in svc["spec"]
+    assert not (svc["metadata"].get("annotations") or {}).keys() & annotations.keys()
+    assert "exposed" not in svc["metadata"]["labels"]
+    assert any(e["reason"] == "Deleted" for e in events(kube, namespace, "lb"))
+
+
+def test_a_budget_that_is_not_the_services_is_never_deleted(kube, namespace, operator):
+    foreign = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+               "metadata": {"name": "keep", "namespace": namespace},
+               "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "other"}}}}
+    kube.create(foreign, "poddisruptionbudgets")
+    create(kube, namespace, manifest("keep"))     # no disruptionBudget: the operator must leave "keep" alone
+    poll(reconciled(kube, namespace, "keep"), WAIT, what="reconciled", log=operator.log)
+    assert kube.get("policy/v1", "poddisruptionbudgets", namespace, "keep")["spec"]["maxUnavailable"] == 1
+    patch_spec(kube, namespace, "keep", {"disruptionBudget": {"maxUnavailable": 2}})
+
+    def conflict():
+        obj = get_spd(kube, namespace, "keep")
+        return obj if condition(obj, "Stalled").get("reason") == "NameConflict" else None
+    obj = poll(conflict, WAIT, what="Stalled=True NameConflict", log=operator.log)
+    assert "PodDisruptionBudget keep already exists" in condition(obj, "Stalled")["message"]
+    assert kube.get("policy/v1", "poddisruptionbudgets", namespace, "keep")["spec"]["maxUnavailable"] == 1

@@ -54,6 +54,7 @@ def test_operator_works_under_the_charts_rbac(control_plane, namespace, apps_nam
         spd = admin.create({"apiVersion": names.API_VERSION, "kind": names.KIND,
                             "metadata": {"name": "rbac", "namespace": apps},
                             "spec": {"model": {"hostPath": "/srv/models/tiny"}, "replicas": 2,
+                                     "disruptionBudget": {"maxUnavailable": 1},
                                      "engine": {"image": "registry.invalid/semipd:1.0", "port": free_port()}}},
                            names.PLURAL)
 
@@ -62,7 +63,8 @@ def test_operator_works_under_the_charts_rbac(control_plane, namespace, apps_nam
             return obj if (obj.get("status") or {}).get("observedGeneration") == 1 else None
         poll(reconciled, WAIT, what="reconciled under the chart's RBAC", log=op.log)
         for api_version, plural, name in (("apps/v1", "deployments", "rbac"), ("v1", "services", "rbac"),
-                                          ("v1", "secrets", "rbac-admin-token")):
+                                          ("v1", "secrets", "rbac-admin-token"),
+                                          ("policy/v1", "poddisruptionbudgets", "rbac")):
             assert admin.get(api_version, plural, apps, name)["metadata"]["ownerReferences"][0]["uid"] == \
                 spd["metadata"]["uid"]
         # The operator made its key in its own namespace (the one Secret it reads).
@@ -130,6 +132,23 @@ def test_operator_works_under_the_charts_rbac(control_plane, namespace, apps_nam
         own = pods[0]["metadata"]["name"]
         as_operator.merge_patch("v1", "pods", apps, own, {"metadata": {"annotations": {"probe": "allowed"}}})
         assert admin.get("v1", "pods", apps, own)["metadata"]["annotations"]["probe"] == "allowed"
+
+        # PodDisruptionBudgets are the one kind it deletes (when spec.disruptionBudget goes): only its own.
+        admin.create({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                      "metadata": {"name": "bystander", "namespace": apps},
+                      "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "bystander"}}}},
+                     "poddisruptionbudgets")
+
+        def delete_refused():
+            try:
+                as_operator.delete("policy/v1", "poddisruptionbudgets", apps, "bystander")
+            except ApiError as e:
+                return e.status == 403 and "only objects it manages" in e.message
+            raise AssertionError("the operator deleted someone else's PodDisruptionBudget")
+        poll(delete_refused, WAIT, what="the policy refusing to delete someone else's budget")
+        admin.merge_patch(names.API_VERSION, names.PLURAL, apps, "rbac", {"spec": {"disruptionBudget": None}})
+        poll(lambda: admin.get_or_none("policy/v1", "poddisruptionbudgets", apps, "rbac") is None, WAIT,
+             what="its own budget deleted under the chart's RBAC and policy", log=op.log)
     finally:
         if op is not None:
             op.stop()
