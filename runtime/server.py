@@ -18,16 +18,18 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from semipd.runtime.admin_token import AdminToken
+from semipd.runtime.api.bodies import BodyLimitMiddleware, json_body
+from semipd.runtime.api.drain import SHUTDOWN_CANCEL_S, DrainMiddleware, DrainState, shut_down_error
+from semipd.runtime.api.openapi import json_request, openapi_document
 from semipd.runtime.config import EngineConfig, ServerConfig
 from semipd.runtime.engine import Engine, EngineOverloaded
 from semipd.runtime.loader import ModelLoadError
@@ -43,10 +45,7 @@ from semipd.runtime.tokenize_api import DetokenizeRequest, TokenizeRequest
 log = logging.getLogger("semipd.server")
 
 RETRY_AFTER_S = 1                 # what a full queue tells clients; the queue drains within a few steps
-DRAINING_RETRY_AFTER_S = 1        # a draining pod's clients: retry at once, the Service sends them to another pod
 DISCONNECT_POLL_S = 0.1           # how often a request not yet streaming checks for a vanished client
-SHUTDOWN_CANCEL_S = 2.0           # after the grace period, how long uvicorn waits before cancelling requests
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 POLICY_OWNS_SPLIT = {      # why a PUT cannot move the split, and how to make it possible
     "static": "the partition policy is static: the split stays at its start-up value; start the server with "
               "--partition-policy external to set it through this API (or change --sm-split and restart)",
@@ -55,143 +54,11 @@ POLICY_OWNS_SPLIT = {      # why a PUT cannot move the split, and how to make it
 }
 
 
-@dataclass
-class DrainState:
-    draining: bool = False
-    in_flight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    engine_requests: set = field(default_factory=set)      # ids of the engine requests the handlers wait on
-    cut: bool = False                                       # the grace period is over: those were aborted
-
-    def __post_init__(self):
-        self.idle.set()
-
-
-class DrainMiddleware:
-    """Counts generation requests in flight and refuses new ones once shutdown has begun. Pure ASGI, so a
-    streaming response counts until its last byte is sent."""
-
-    def __init__(self, app, state: DrainState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
-            return await self.app(scope, receive, send)
-        state = self.state
-        if state.draining:
-            body = error_body("the server is shutting down", "service_unavailable", code="shutting_down")
-            headers = {"Retry-After": str(DRAINING_RETRY_AFTER_S)}
-            return await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
-        state.in_flight += 1
-        state.idle.clear()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            state.in_flight -= 1
-            if state.in_flight == 0:
-                state.idle.set()
-
-
-class BodyLimitMiddleware:
-    """Refuses request bodies over the limit with 413 before they are buffered: at once by Content-Length when
-    the client sends one, else (a chunked upload) as soon as the bytes received pass it."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            error = self.too_large()
-            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self.too_large()       # rendered by the APIError handler, inside the app
-            return message
-
-        return await self.app(scope, counting_receive, send)
-
-    def too_large(self) -> APIError:
-        return APIError(413, f"the request body is larger than this server's limit of "
-                             f"{self.max_bytes / 2**20:g} MiB (semipd serve --max-request-body-mib)",
-                        code="request_too_large")
-
-
 def package_version() -> str:
     try:
         return importlib.metadata.version("semipd")
     except importlib.metadata.PackageNotFoundError:      # run from a source tree that is not installed
         return "0+unknown"
-
-
-# Handlers read their JSON themselves (strict validation, OpenAI error bodies), so FastAPI cannot see the body
-# models; these name them for the OpenAPI document.
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
-ERROR_STATUSES = {"400": "invalid request", "404": "unknown model", "413": "body too large",
-                  "415": "not application/json", "503": "overloaded or shutting down"}
-
-
-def json_request(model) -> dict:
-    """openapi_extra for a route whose JSON body is `model`, and the errors such a route answers."""
-    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
-    return {"requestBody": {"required": True, "content": content}, "responses": _error_responses(ERROR_STATUSES)}
-
-
-def openapi_document(app: FastAPI) -> dict:
-    if app.openapi_schema is None:
-        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                          description="OpenAI-compatible API of semipd, with vLLM's side endpoints")
-        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        for model in REQUEST_MODELS:
-            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            schemas.update(schema.pop("$defs", {}))
-            schemas[model.__name__] = schema
-        nullable_string = {"anyOf": [{"type": "string"}, {"type": "null"}]}
-        schemas["ErrorResponse"] = {"type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["message", "type", "param", "code"],
-            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                           "param": nullable_string, "code": nullable_string}}}}
-        _document_bodies(doc["paths"])
-        app.openapi_schema = doc
-    return app.openapi_schema
-
-
-def _error_responses(statuses: dict[str, str]) -> dict:
-    return {status: {"description": why, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for status, why in statuses.items()}
-
-
-ADMIN_ERRORS = {"400": "invalid split", "401": "missing or wrong token", "403": "admin API disabled",
-                "409": "the split has another owner (static or slo policy)", "415": "not application/json"}
-
-
-def _document_bodies(paths: dict) -> None:
-    """What FastAPI cannot infer from handlers that build their own responses: probes answer with no body,
-    /metrics with Prometheus' text format, the generation routes with JSON or, when streamed, an SSE stream
-    (each event a `data:` line), the admin API and a model lookup with their errors."""
-    for path in ("/health", "/ping"):
-        for operation in paths.get(path, {}).values():
-            operation["responses"]["200"] = {"description": "serving (503 with no body while draining)"}
-    if "/metrics" in paths:
-        paths["/metrics"]["get"]["responses"]["200"] = {
-            "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
-    for path in GENERATION_PATHS:
-        ok = paths.get(path, {}).get("post", {}).get("responses", {}).get("200")
-        if ok is not None:
-            ok.setdefault("content", {})["text/event-stream"] = {"schema": {
-                "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
-    for operation in paths.get("/admin/partition", {}).values():
-        operation["responses"].update(_error_responses(ADMIN_ERRORS))
-    for operation in paths.get("/v1/models/{model_id}", {}).values():
-        operation["responses"].update(_error_responses({"404": "unknown model"}))
 
 
 def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
@@ -385,7 +252,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             first = await until_disconnect(request, choices.open())
             if first is None:
                 return Response(status_code=499)
-            if cut_short(first[1]):
+            if drain.cut_short(first[1]):
                 choices.abort()
                 raise shut_down_error()
             body = stream_tools(shape, choices, render, first, replies) if replies else \
@@ -425,15 +292,6 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
             if not task.done():      # the handler itself was cancelled
                 task.cancel()
 
-    def cut_short(out) -> bool:
-        """Aborted by the drain when the grace period ended (not by its client)."""
-        return out.finished and out.finish_reason == "abort" and drain.cut
-
-    def shut_down_error() -> APIError:
-        return APIError(503, "the server shut down before this request finished (its grace period ended)",
-                        type="service_unavailable", code="shutting_down",
-                        headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
-
     async def stream(shape: ResponseShape, choices: "Choices", render: "ChoiceRenderer", first):
         # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)
         # are folded into the next chunk, so every chunk a client sees carries at least one token.
@@ -441,7 +299,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         try:
             async for index, out in choices.follow(first):
                 held.setdefault(index, []).append(out)
-                if cut_short(out):
+                if drain.cut_short(out):
                     text, _, token_ids, logprobs = render.chunk(index, held.pop(index))
                     if text:
                         yield sse(shape.chunk(index, text, None, token_ids, logprobs))
@@ -464,7 +322,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
         per_choice: dict[int, ToolReply] = {}
         try:
             async for index, out in choices.follow(first):
-                if cut_short(out):
+                if drain.cut_short(out):
                     yield sse(shut_down_error().body())
                     break
                 reply = per_choice.setdefault(index, replies())
@@ -550,17 +408,6 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     return app
 
 
-async def json_body(request: Request) -> bytes:
-    """The body of a request that must carry JSON. Any other Content-Type (or none) is refused before the body
-    is read: a browser sends text/plain, form and Content-Type-less bodies cross-site without a CORS preflight,
-    so parsing them as JSON would let any web page start generations on a server it can reach."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        given = f"it is '{media_type}'" if media_type else "none was sent"
-        raise APIError(415, f"Content-Type must be application/json ({given})", code="unsupported_media_type")
-    return await request.body()
-
-
 def parse_partition(raw: bytes) -> dict:
     try:
         data = json.loads(raw)
@@ -592,21 +439,7 @@ async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
 
     async def drain_then_exit():
-        log.info("shutting down: refusing new requests, waiting up to %.0fs for %d in flight",
-                 server_config.graceful_timeout, drain.in_flight)
-        try:
-            await asyncio.wait_for(drain.idle.wait(), server_config.graceful_timeout)
-        except asyncio.TimeoutError:
-            log.warning("grace period over with %d requests in flight; ending them", drain.in_flight)
-            # Aborted, each request's final output ends its response with an error (a stream: an error event
-            # and [DONE]); only what still hangs after that is left to uvicorn's cancellation.
-            drain.cut = True
-            for request_id in list(drain.engine_requests):
-                engine.abort(request_id)
-            try:
-                await asyncio.wait_for(drain.idle.wait(), SHUTDOWN_CANCEL_S)
-            except asyncio.TimeoutError:
-                log.warning("%d requests still in flight; cancelling them", drain.in_flight)
+        await drain.finish_in_flight(engine, server_config.graceful_timeout)
         server.should_exit = True
 
     def on_signal(sig: signal.Signals):

@@ -1,0 +1,1 @@
+"""The HTTP API's pieces; runtime/server.py wires them into the app."""
