@@ -1,128 +1,30 @@
-"""The HTTP front end: OpenAI completions/chat (SSE streaming), models, vLLM's side endpoints (/tokenize,
-/detokenize, /version, /ping), /openapi.json, health, metrics, and the admin API.
-
-Choices worth knowing (also in docs): completions default to max_tokens = min(16, what fits), like OpenAI;
-chat defaults to everything that fits in max_model_len. GET /admin/partition needs the token like PUT (the
-operator has it anyway, and the split plus the allowed values say more about the deployment than /metrics).
-PUT /admin/partition obeys only under --partition-policy external; static and slo answer 409, since the split
-then has another owner (nobody, or the in-engine policy). The token file is followed (runtime/admin_token.py).
-On SIGTERM the server keeps listening and answers 503 to new work, so clients and load balancers get a clear
-answer instead of a refused connection; it exits once in-flight requests are done or the grace period ends,
-which aborts the rest in the engine so each still gets a proper ending (an error event and [DONE], or a 503).
-"""
+"""The HTTP server: build_app wires the endpoint families of runtime/api/ (OpenAI's, vLLM's side endpoints,
+operations, admin) with the middleware and error handlers into one FastAPI app; serve runs it under uvicorn
+with the drain (runtime/api/drain.py) on SIGTERM."""
 import asyncio
-import hmac
 import importlib.metadata
-import json
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from semipd.runtime.admin_token import AdminToken
+from semipd.runtime.api import admin, openai, ops, side
+from semipd.runtime.api.bodies import BodyLimitMiddleware
+from semipd.runtime.api.context import ServerContext
+from semipd.runtime.api.drain import SHUTDOWN_CANCEL_S, DrainMiddleware, DrainState
+from semipd.runtime.api.openapi import openapi_document
 from semipd.runtime.config import EngineConfig, ServerConfig
-from semipd.runtime.engine import Engine, EngineOverloaded
+from semipd.runtime.engine import Engine
 from semipd.runtime.loader import ModelLoadError
-from semipd.runtime.partition import PartitionError
-from semipd.runtime.choices import ChoiceRenderer, Choices
-from semipd.runtime.tools import BY_ARCHITECTURE, ToolReply, forced_call_grammar, make_parser
-from semipd.runtime.protocol import (
-    COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest, ResponseShape,
-    bad_request, error_body, parse_request, resolve_max_tokens, sse,
-)
-from semipd.runtime.tokenize_api import DetokenizeRequest, TokenizeRequest
+from semipd.runtime.protocol import APIError, error_body
+
+__all__ = ["build_app", "serve", "DrainState", "DrainMiddleware", "BodyLimitMiddleware", "package_version"]
 
 log = logging.getLogger("semipd.server")
-
-RETRY_AFTER_S = 1                 # what a full queue tells clients; the queue drains within a few steps
-DRAINING_RETRY_AFTER_S = 1        # a draining pod's clients: retry at once, the Service sends them to another pod
-DISCONNECT_POLL_S = 0.1           # how often a request not yet streaming checks for a vanished client
-SHUTDOWN_CANCEL_S = 2.0           # after the grace period, how long uvicorn waits before cancelling requests
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-POLICY_OWNS_SPLIT = {      # why a PUT cannot move the split, and how to make it possible
-    "static": "the partition policy is static: the split stays at its start-up value; start the server with "
-              "--partition-policy external to set it through this API (or change --sm-split and restart)",
-    "slo": "the split is owned by the in-engine SLO policy (--partition-policy slo); start the server with "
-           "--partition-policy external to set it through this API",
-}
-
-
-@dataclass
-class DrainState:
-    draining: bool = False
-    in_flight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    engine_requests: set = field(default_factory=set)      # ids of the engine requests the handlers wait on
-    cut: bool = False                                       # the grace period is over: those were aborted
-
-    def __post_init__(self):
-        self.idle.set()
-
-
-class DrainMiddleware:
-    """Counts generation requests in flight and refuses new ones once shutdown has begun. Pure ASGI, so a
-    streaming response counts until its last byte is sent."""
-
-    def __init__(self, app, state: DrainState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
-            return await self.app(scope, receive, send)
-        state = self.state
-        if state.draining:
-            body = error_body("the server is shutting down", "service_unavailable", code="shutting_down")
-            headers = {"Retry-After": str(DRAINING_RETRY_AFTER_S)}
-            return await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
-        state.in_flight += 1
-        state.idle.clear()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            state.in_flight -= 1
-            if state.in_flight == 0:
-                state.idle.set()
-
-
-class BodyLimitMiddleware:
-    """Refuses request bodies over the limit with 413 before they are buffered: at once by Content-Length when
-    the client sends one, else (a chunked upload) as soon as the bytes received pass it."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            error = self.too_large()
-            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self.too_large()       # rendered by the APIError handler, inside the app
-            return message
-
-        return await self.app(scope, counting_receive, send)
-
-    def too_large(self) -> APIError:
-        return APIError(413, f"the request body is larger than this server's limit of "
-                             f"{self.max_bytes / 2**20:g} MiB (semipd serve --max-request-body-mib)",
-                        code="request_too_large")
 
 
 def package_version() -> str:
@@ -132,451 +34,40 @@ def package_version() -> str:
         return "0+unknown"
 
 
-# Handlers read their JSON themselves (strict validation, OpenAI error bodies), so FastAPI cannot see the body
-# models; these name them for the OpenAPI document.
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
-ERROR_STATUSES = {"400": "invalid request", "404": "unknown model", "413": "body too large",
-                  "415": "not application/json", "503": "overloaded or shutting down"}
-
-
-def json_request(model) -> dict:
-    """openapi_extra for a route whose JSON body is `model`, and the errors such a route answers."""
-    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
-    return {"requestBody": {"required": True, "content": content}, "responses": _error_responses(ERROR_STATUSES)}
-
-
-def openapi_document(app: FastAPI) -> dict:
-    if app.openapi_schema is None:
-        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                          description="OpenAI-compatible API of semipd, with vLLM's side endpoints")
-        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        for model in REQUEST_MODELS:
-            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            schemas.update(schema.pop("$defs", {}))
-            schemas[model.__name__] = schema
-        nullable_string = {"anyOf": [{"type": "string"}, {"type": "null"}]}
-        schemas["ErrorResponse"] = {"type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["message", "type", "param", "code"],
-            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                           "param": nullable_string, "code": nullable_string}}}}
-        _document_bodies(doc["paths"])
-        app.openapi_schema = doc
-    return app.openapi_schema
-
-
-def _error_responses(statuses: dict[str, str]) -> dict:
-    return {status: {"description": why, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for status, why in statuses.items()}
-
-
-ADMIN_ERRORS = {"400": "invalid split", "401": "missing or wrong token", "403": "admin API disabled",
-                "409": "the split has another owner (static or slo policy)", "415": "not application/json"}
-
-
-def _document_bodies(paths: dict) -> None:
-    """What FastAPI cannot infer from handlers that build their own responses: probes answer with no body,
-    /metrics with Prometheus' text format, the generation routes with JSON or, when streamed, an SSE stream
-    (each event a `data:` line), the admin API and a model lookup with their errors."""
-    for path in ("/health", "/ping"):
-        for operation in paths.get(path, {}).values():
-            operation["responses"]["200"] = {"description": "serving (503 with no body while draining)"}
-    if "/metrics" in paths:
-        paths["/metrics"]["get"]["responses"]["200"] = {
-            "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
-    for path in GENERATION_PATHS:
-        ok = paths.get(path, {}).get("post", {}).get("responses", {}).get("200")
-        if ok is not None:
-            ok.setdefault("content", {})["text/event-stream"] = {"schema": {
-                "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
-    for operation in paths.get("/admin/partition", {}).values():
-        operation["responses"].update(_error_responses(ADMIN_ERRORS))
-    for operation in paths.get("/v1/models/{model_id}", {}).values():
-        operation["responses"].update(_error_responses({"404": "unknown model"}))
-
-
 def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     # /openapi.json, but no /docs: the Swagger page would load its script from a CDN
     app = FastAPI(title="semipd", version=package_version(), docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(app)
-    drain = DrainState()
-    app.state.drain = drain
-    app.add_middleware(DrainMiddleware, state=drain)
+    ctx = ServerContext.create(engine, server_config)
+    app.state.context = ctx
+    app.add_middleware(DrainMiddleware, state=ctx.drain)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_body_bytes)
-    # Parsing, chat templates and tokenizing take time in proportion to the body (seconds for megabytes); on
-    # the event loop they would freeze every stream and /health meanwhile. The tokenizer releases the GIL.
-    prompt_pool = ThreadPoolExecutor(thread_name_prefix="semipd-prompt")
-    app.state.prompt_pool = prompt_pool
-    tokenizer = engine.tokenizer
-    max_token_id = max(tokenizer.get_vocab().values())
-    admin_token = AdminToken(server_config.admin_token, server_config.admin_token_file)
-    tool_parser = make_parser(server_config.tool_call_parser if server_config.tool_call_parser != "auto"
-                              else BY_ARCHITECTURE[engine.runner.model_config.architecture])
-    policy = engine.config.partition_policy
-
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind, code=str(e.status_code)), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_, e: Exception):
-        log.exception("unexpected error")
-        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
-
-    # --- OpenAI surface -------------------------------------------------------------------------------------
-    def model_card() -> dict:
-        return {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "semipd",
-                "root": engine.model_dir, "parent": None, "max_model_len": engine.max_model_len,
-                "permission": []}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")      # :path, as served names may hold a slash ("org/model")
-    async def model_by_id(model_id: str):
-        check_model(model_id)
-        return model_card()
-
-    @app.post("/v1/completions", openapi_extra=json_request(CompletionRequest))
-    async def completions(request: Request):
-        req, prompts, echo = await off_loop(completion_prompt, await json_body(request))
-        return await generate(request, req, prompts, "prompt", COMPLETION_DEFAULT_MAX_TOKENS, chat=False,
-                              echo=echo)
-
-    @app.post("/v1/chat/completions", openapi_extra=json_request(ChatCompletionRequest))
-    async def chat_completions(request: Request):
-        req, ids, tools = await off_loop(chat_prompt, await json_body(request))
-        replies = forced = None
-        if tools:
-            choice = req.effective_tool_choice
-            replies = lambda: ToolReply(tools, choice, tool_parser)   # noqa: E731
-            forced = forced_call_grammar(tools, choice, req.parallel_tool_calls is not False)
-        return await generate(request, req, [ids], "messages", None, chat=True, replies=replies, forced=forced)
-
-    async def off_loop(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(prompt_pool, fn, *args)
-
-    def completion_prompt(raw: bytes) -> tuple[CompletionRequest, list[list[int]], list[str] | None]:
-        req = parse_request(raw, CompletionRequest)
-        check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo: not supported together with logprobs (the prompt's logprobs are not "
-                              "computed)", "echo")
-        prompts = [encode(p, "prompt", add_special_tokens=True) if isinstance(p, str) else list(p)
-                   for p in req.prompt]
-        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompt] if req.echo else None
-        return req, prompts, echo
-
-    def chat_prompt(raw: bytes) -> tuple[ChatCompletionRequest, list[int], list[dict] | None]:
-        req = parse_request(raw, ChatCompletionRequest)
-        check_model(req.model)
-        tools = req.tool_dicts() if req.calls_tools else None
-        return req, encode(render_chat(req.messages, tools=tools), "messages", add_special_tokens=False), tools
-
-    def render_chat(messages, add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    tools: list[dict] | None = None) -> str:
-        if not tokenizer.chat_template:
-            raise bad_request("messages: this model has no chat template; use /v1/completions", "messages")
-        try:
-            return tokenizer.apply_chat_template([m.for_template() for m in messages], tools=tools, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt,
-                                                 continue_final_message=continue_final_message)
-        except Exception as e:      # the template itself may reject a conversation (e.g. role order)
-            raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
-
-    # --- vLLM's side endpoints ------------------------------------------------------------------------------
-    @app.post("/tokenize", openapi_extra=json_request(TokenizeRequest))
-    async def tokenize(request: Request):
-        return await off_loop(tokenize_body, await json_body(request))
-
-    def tokenize_body(raw: bytes) -> dict:
-        req = parse_request(raw, TokenizeRequest)
-        check_model(req.model)
-        if req.prompt is not None:
-            ids = encode(req.prompt, "prompt", add_special_tokens=req.special_tokens)
-        else:
-            text = render_chat(req.messages, req.add_generation_prompt, req.continue_final_message)
-            ids = encode(text, "messages", add_special_tokens=req.special_tokens)
-        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
-
-    @app.post("/detokenize", openapi_extra=json_request(DetokenizeRequest))
-    async def detokenize(request: Request):
-        return await off_loop(detokenize_body, await json_body(request))
-
-    def detokenize_body(raw: bytes) -> dict:
-        req = parse_request(raw, DetokenizeRequest)
-        check_model(req.model)
-        outside = [t for t in req.tokens if not 0 <= t <= max_token_id]
-        if outside:
-            raise bad_request(f"tokens: token id {outside[0]} is outside the vocabulary (ids 0 to {max_token_id})",
-                              "tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
-
-    @app.get("/version")
-    async def version():
-        return {"version": app.version}
-
-    def encode(text: str, param: str, add_special_tokens: bool) -> list[int]:
-        try:
-            return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-        except (TypeError, ValueError, UnicodeError):       # the tokenizer's own words would mean nothing here
-            raise bad_request(f"{param}: the text cannot be tokenized", param) from None
-
-    def check_model(name: str | None):
-        if name is not None and name != engine.model_name:
-            raise APIError(404, f"model: the model '{name}' does not exist; this server serves "
-                                f"'{engine.model_name}'", type="not_found_error", param="model",
-                           code="model_not_found")
-
-    async def generate(request: Request, req, prompts: list[list[int]], prompt_param: str, default_cap,
-                       chat: bool, echo: list[str] | None = None, replies=None, forced=None):
-        """Every request's path to the engine: n choices per prompt, each its own engine request. `replies`
-        makes each chat choice's ToolReply (tools in play); `forced`: the grammar of a forced tool call."""
-        for key in (req.logit_bias or {}):
-            if key > max_token_id:
-                raise bad_request(f"logit_bias: token id {key} is outside the vocabulary (largest id "
-                                  f"{max_token_id})", "logit_bias")
-        if req.stop_token_ids and max(req.stop_token_ids) > max_token_id:
-            raise bad_request(f"stop_token_ids: token id {max(req.stop_token_ids)} is outside the vocabulary "
-                              f"(largest id {max_token_id})", "stop_token_ids")
-        grammar, spec = None, forced or req.guided_spec
-        if spec is not None:                    # compiled off the event loop: a big schema takes a while
-            param = "tools" if forced else next(
-                name for name in ("response_format", "guided_json", "guided_regex", "guided_choice",
-                                  "guided_grammar") if getattr(req, name) is not None)
-            try:
-                grammar = await off_loop(engine.guided.compile, spec)
-            except ValueError as e:
-                raise bad_request(f"{param}: {e}", param) from None
-        specs = []
-        for p, ids in enumerate(prompts):
-            if not ids:
-                raise bad_request(f"{prompt_param}: must not be empty", prompt_param)
-            if max(ids) > max_token_id:
-                raise bad_request(f"{prompt_param}: token id {max(ids)} is outside the vocabulary "
-                                  f"(largest id {max_token_id})", prompt_param)
-            max_tokens = resolve_max_tokens(req.requested_max_tokens, len(ids), engine.max_model_len, default_cap,
-                                            prompt_param)
-            params = replace(req.sampling_params(max_tokens), guided=grammar)
-            try:
-                engine.validate(ids, params)
-            except ValueError as e:
-                raise bad_request(str(e), prompt_param) from None
-            for i in range(req.n):
-                # seeded choices must differ from each other, and each still repeats with the same seed
-                seeded = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
-                specs.append((p * req.n + i, ids, seeded))
-
-        shape = ResponseShape(chat, engine.model_name, req.include_usage, req.return_token_ids)
-        log.info("request %s: %d prompt(s) of %s tokens, n %d, max_tokens %d, stream %s", shape.id, len(prompts),
-                 "/".join(str(len(ids)) for ids in prompts[:4]), req.n, specs[0][2].max_tokens, req.stream)
-        # the drain knows every engine request, to abort them when the grace period ends
-        choices = Choices(engine, shape.id, specs, registry=drain.engine_requests)
-        render = ChoiceRenderer(chat, tokenizer, prompts, req.n, echo)
-        if req.stream:
-            # Wait for the first output before sending headers: a full queue must still be able to say 503.
-            first = await until_disconnect(request, choices.open())
-            if first is None:
-                return Response(status_code=499)
-            if cut_short(first[1]):
-                choices.abort()
-                raise shut_down_error()
-            body = stream_tools(shape, choices, render, first, replies) if replies else \
-                stream(shape, choices, render, first)
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await until_disconnect(request, choices.collect())
-        if result is None:
-            return Response(status_code=499)
-        if drain.cut and any(outs[-1].finish_reason == "abort" for outs in result.values()):
-            raise shut_down_error()
-        bodies = []
-        for index, outs in sorted(result.items()):
-            text, finish, *rest = render.full(index, outs)
-            calls = None
-            if replies and finish == "stop":
-                text, found = replies().whole(text)
-                calls, finish = ([c.body() for c in found], "tool_calls") if found else (None, finish)
-            bodies.append(shape.choice(index, text, finish, *rest, tool_calls=calls))
-        return shape.full(bodies, render.usage(result))
-
-    async def until_disconnect(request: Request, coro):
-        """Run coro, cancelling it (and so aborting the engine request) if the client goes away first."""
-        task = asyncio.ensure_future(coro)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    task.cancel()
-                    return None
-        except EngineOverloaded as e:
-            raise APIError(503, f"the server is overloaded: {e}", type="service_unavailable",
-                           code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        finally:
-            if not task.done():      # the handler itself was cancelled
-                task.cancel()
-
-    def cut_short(out) -> bool:
-        """Aborted by the drain when the grace period ended (not by its client)."""
-        return out.finished and out.finish_reason == "abort" and drain.cut
-
-    def shut_down_error() -> APIError:
-        return APIError(503, "the server shut down before this request finished (its grace period ended)",
-                        type="service_unavailable", code="shutting_down",
-                        headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
-
-    async def stream(shape: ResponseShape, choices: "Choices", render: "ChoiceRenderer", first):
-        # Text-less outputs (a token held back as a possible stop-string prefix or an incomplete character)
-        # are folded into the next chunk, so every chunk a client sees carries at least one token.
-        held: dict[int, list] = {}
-        try:
-            async for index, out in choices.follow(first):
-                held.setdefault(index, []).append(out)
-                if cut_short(out):
-                    text, _, token_ids, logprobs = render.chunk(index, held.pop(index))
-                    if text:
-                        yield sse(shape.chunk(index, text, None, token_ids, logprobs))
-                    yield sse(shut_down_error().body())
-                    break
-                if out.text or out.finished:
-                    yield sse(shape.chunk(index, *render.chunk(index, held.pop(index))))
-            else:
-                if shape.include_usage:
-                    yield sse(shape.usage_chunk(render.usage(choices.last)))
-        except Exception:
-            log.exception("request %s failed while streaming", shape.id)
-            yield sse(error_body("internal error while generating", "server_error"))
-        finally:
-            choices.abort()
-        yield sse("[DONE]")
-
-    async def stream_tools(shape: ResponseShape, choices: "Choices", render: "ChoiceRenderer", first, replies):
-        """A chat stream whose choices may call tools: content deltas until a call starts, then the calls."""
-        per_choice: dict[int, ToolReply] = {}
-        try:
-            async for index, out in choices.follow(first):
-                if cut_short(out):
-                    yield sse(shut_down_error().body())
-                    break
-                reply = per_choice.setdefault(index, replies())
-                text, finish, token_ids, logprobs = render.chunk(index, [out])
-                for delta in reply.feed(text):
-                    yield sse(shape.chat_delta(index, delta, None, token_ids, logprobs))
-                    token_ids, logprobs = (), None
-                if out.finished:
-                    deltas, called = reply.finish() if finish == "stop" else ([], False)
-                    if not deltas:
-                        deltas = [{}]
-                    for delta in deltas[:-1]:
-                        yield sse(shape.chat_delta(index, delta, None))
-                    yield sse(shape.chat_delta(index, deltas[-1], "tool_calls" if called else finish))
-            else:
-                if shape.include_usage:
-                    yield sse(shape.usage_chunk(render.usage(choices.last)))
-        except Exception:
-            log.exception("request %s failed while streaming", shape.id)
-            yield sse(error_body("internal error while generating", "server_error"))
-        finally:
-            choices.abort()
-        yield sse("[DONE]")
-
-    # --- operations -----------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        # a dead worker thread means no request can finish: let the orchestrator restart the pod
-        if drain.draining or getattr(engine, "worker_error", None) is not None:
-            return Response(status_code=503)
-        return Response(status_code=200)
-
-    @app.get("/ping", operation_id="ping_get")      # vLLM's name for /health, which SageMaker probes
-    @app.post("/ping", operation_id="ping_post")
-    async def ping():
-        return await health()
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def authorize(request: Request):
-        token = admin_token.current()
-        if not token:
-            raise APIError(403, "the admin API is disabled; start the server with --admin-token-file PATH or "
-                                "SEMIPD_ADMIN_TOKEN to enable it", type="permission_error", code="admin_disabled")
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise APIError(401, "missing bearer token (Authorization: Bearer <admin token>)",
-                           type="authentication_error", code="missing_token",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise APIError(403, "wrong admin token", type="permission_error", code="invalid_token")
-
-    def partition_state() -> dict:
-        state = {**engine.partition.get(), "policy": policy}
-        if engine.slo_loop is not None:
-            state["decision"] = engine.slo_loop.last   # the in-engine policy's latest decision and its reason
-        return state
-
-    @app.get("/admin/partition")
-    async def get_partition(request: Request):
-        authorize(request)
-        return partition_state()
-
-    @app.put("/admin/partition")
-    async def put_partition(request: Request):
-        authorize(request)
-        if policy != "external":
-            raise APIError(409, POLICY_OWNS_SPLIT[policy], type="conflict_error", code=f"partition_policy_{policy}")
-        value = parse_partition(await json_body(request))
-        try:
-            result = engine.partition.set(value, source="admin-api")
-        except PartitionError as e:
-            raise APIError(422, str(e), param="prefill", code="impossible_partition",
-                           extra={"allowed_prefill_sms": list(e.allowed)}) from None
-        except ValueError as e:
-            raise bad_request(f"prefill: {e}", "prefill") from None
-        log.info("partition set by admin API: %s", {k: result.get(k) for k in ("prefill_sms", "decode_sms")})
-        return {**result, "policy": policy}
-
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    for family in (openai, side, ops, admin):
+        app.include_router(family.router)
     return app
 
 
-async def json_body(request: Request) -> bytes:
-    """The body of a request that must carry JSON. Any other Content-Type (or none) is refused before the body
-    is read: a browser sends text/plain, form and Content-Type-less bodies cross-site without a CORS preflight,
-    so parsing them as JSON would let any web page start generations on a server it can reach."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        given = f"it is '{media_type}'" if media_type else "none was sent"
-        raise APIError(415, f"Content-Type must be application/json ({given})", code="unsupported_media_type")
-    return await request.body()
+async def api_error(_, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def parse_partition(raw: bytes) -> dict:
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict) or set(data) != {"prefill"}:
-        raise bad_request('body must be {"prefill": <SMs as an integer, or a fraction in (0, 1)>}', "prefill")
-    value = data["prefill"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request("prefill: must be a number (SMs, or a fraction in (0, 1))", "prefill")
-    return {"prefill": value}
+async def http_error(_, e: StarletteHTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(e.detail), kind, code=str(e.status_code)), status_code=e.status_code)
+
+
+async def unexpected_error(_, e: Exception):
+    log.exception("unexpected error")
+    return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
 
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: it would stop listening at once and re-raise SIGTERM after
-    shutdown (exit status -15); the drain below does both jobs the way a Kubernetes pod needs."""
+    shutdown (exit status -15); the drain does both jobs the way a Kubernetes pod needs."""
 
     @contextmanager
     def capture_signals(self):
@@ -585,28 +76,15 @@ class _Server(uvicorn.Server):
 
 async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
     app = build_app(engine, server_config)
-    drain: DrainState = app.state.drain
+    ctx: ServerContext = app.state.context
+    drain = ctx.drain
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, lifespan="off",
                             log_level=server_config.log_level, timeout_graceful_shutdown=SHUTDOWN_CANCEL_S)
     server = _Server(config)
     loop = asyncio.get_running_loop()
 
     async def drain_then_exit():
-        log.info("shutting down: refusing new requests, waiting up to %.0fs for %d in flight",
-                 server_config.graceful_timeout, drain.in_flight)
-        try:
-            await asyncio.wait_for(drain.idle.wait(), server_config.graceful_timeout)
-        except asyncio.TimeoutError:
-            log.warning("grace period over with %d requests in flight; ending them", drain.in_flight)
-            # Aborted, each request's final output ends its response with an error (a stream: an error event
-            # and [DONE]); only what still hangs after that is left to uvicorn's cancellation.
-            drain.cut = True
-            for request_id in list(drain.engine_requests):
-                engine.abort(request_id)
-            try:
-                await asyncio.wait_for(drain.idle.wait(), SHUTDOWN_CANCEL_S)
-            except asyncio.TimeoutError:
-                log.warning("%d requests still in flight; cancelling them", drain.in_flight)
+        await drain.finish_in_flight(engine, server_config.graceful_timeout)
         server.should_exit = True
 
     def on_signal(sig: signal.Signals):
@@ -623,7 +101,7 @@ async def _serve_async(engine: Engine, server_config: ServerConfig) -> None:
     try:
         await server.serve()
     finally:
-        app.state.prompt_pool.shutdown(wait=False, cancel_futures=True)
+        ctx.close()
     if not server.started:
         raise OSError(f"could not listen on {server_config.host}:{server_config.port}")
 
