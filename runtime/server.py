@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from semipd.runtime.api import admin, openai, ops, side
+from semipd.runtime.api import admin, openai_routes, ops, side
 from semipd.runtime.api.bodies import BodyLimitMiddleware
 from semipd.runtime.api.context import ServerContext
 from semipd.runtime.api.drain import SHUTDOWN_CANCEL_S, DrainMiddleware, DrainState
@@ -46,7 +46,7 @@ def build_app(engine: Engine, server_config: ServerConfig) -> FastAPI:
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
-    for family in (openai, side, ops, admin):
+    for family in (openai_routes, side, ops, admin):
         app.include_router(family.router)
     return app
 

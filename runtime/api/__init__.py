@@ -1,9 +1,9 @@
 """The HTTP API, one module per endpoint family, each with its APIRouter:
 
-    openai.py      /v1/models, /v1/completions, /v1/chat/completions
-    side.py        vLLM's /tokenize, /detokenize, /version
-    ops.py         /health, /ping, /metrics
-    admin.py       /admin/partition
+    openai_routes.py  /v1/models, /v1/completions, /v1/chat/completions
+    side.py           vLLM's /tokenize, /detokenize, /version
+    ops.py            /health, /ping, /metrics
+    admin.py          /admin/partition
 
 and what they share: context.py (the engine, tokenizer, drain, thread pool, tool parser, admin token: one object
 per app, on app.state), generation.py (the one request-to-engine path of both generation endpoints),
