@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import kopf
 import kubernetes.client
 
-from semipd.operator import control, names, reconcile, spec as specs, tokens
+from semipd.operator import control, health, names, reconcile, spec as specs, tokens
 from semipd.operator.kube import ApiError, Kube, path
 
 log = logging.getLogger("semipd.operator")
@@ -48,18 +48,22 @@ class Passes:
             lock = self._locks.setdefault(key, threading.Lock())
             if not wait and not lock.acquire(blocking=False):
                 self._dirty.add(key)
+                health.PASSES_QUEUED.set(len(self._dirty))
                 return
         if wait:
-            lock.acquire()
+            with health.PASSES_WAITING.track_inprogress():
+                lock.acquire()
         try:
-            while True:
-                with self._guard:
-                    self._dirty.discard(key)
-                fn()
-                with self._guard:
-                    if key not in self._dirty:
-                        lock.release()
-                        return
+            with health.PASSES_IN_FLIGHT.track_inprogress():
+                while True:
+                    with self._guard:
+                        self._dirty.discard(key)
+                        health.PASSES_QUEUED.set(len(self._dirty))
+                    fn()
+                    with self._guard:
+                        if key not in self._dirty:
+                            lock.release()
+                            return
         except BaseException:
             lock.release()
             raise
@@ -97,18 +101,20 @@ SPEC_RETRIES = 10
 
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     passes, controls = Passes(), control.Controls()
+    last_timing: dict[tuple[str, str], tuple[float, float]] = {}   # the decision last observed, per service
     crd = dict(group=names.GROUP, version=names.VERSION, plural=names.PLURAL, registry=registry)
     ours = {names.MANAGED_BY_LABEL: names.MANAGED_BY}
 
-    def run(namespace: str, name: str, skip_rejected: bool, wait: bool = False) -> None:
+    def run(namespace: str, name: str, skip_rejected: bool, wait: bool = False, trigger: str = "spec") -> None:
         def one_pass():
             body = cfg.kube.get_or_none(names.API_VERSION, names.PLURAL, namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return  # gone or going: garbage collection removes the children
             if skip_rejected and was_rejected(body):
                 return
-            reconcile.reconcile(cfg.kube, body, cfg.token_key, cfg.settings, _emitter(body),
-                                control=controls.get(namespace, name))
+            with _counted(trigger):
+                reconcile.reconcile(cfg.kube, body, cfg.token_key, cfg.settings, _emitter(body),
+                                    control=controls.get(namespace, name))
         passes.run((namespace, name), one_pass, wait)
 
     def control_step(namespace: str, name: str) -> float:
@@ -124,8 +130,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             return cfg.status_interval      # the spec handler reports an invalid spec
         if not spec.controlled:
             return cfg.status_interval      # nothing to decide; the refresh timer keeps the status fresh
-        control.step(cfg.kube, body, spec, controls.get(namespace, name), timeout=cfg.settings.prometheus_timeout)
-        _quietly(run, namespace, name, skip_rejected=True)
+        one = controls.get(namespace, name)
+        control.step(cfg.kube, body, spec, one, timeout=cfg.settings.prometheus_timeout)
+        with one.lock:
+            timing, error = one.timing, one.metrics.error
+        if error:
+            health.ERRORS.labels(reason=one.metrics.error_reason).inc()   # QueryFailed or NoSeries
+        if timing is not None and timing != last_timing.get((namespace, name)):
+            last_timing[(namespace, name)] = timing
+            health.DECISION_SECONDS.observe(max(0.0, timing[1] - timing[0]))
+        _quietly(run, namespace, name, skip_rejected=True, trigger="slo-loop")
         return float(spec.prometheus.interval_seconds)
 
     @kopf.on.login(registry=registry, id="login")
@@ -169,7 +183,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
 
     @kopf.timer(**crd, id="refresh", interval=cfg.status_interval, initial_delay=cfg.status_interval)
     def refresh(namespace, name, **_):
-        _quietly(run, namespace, name, skip_rejected=True)
+        _quietly(run, namespace, name, skip_rejected=True, trigger="refresh")
 
     # the first step waits a moment, so the spec handler's pass creates the children first
     @kopf.daemon(**crd, id="slo-loop", cancellation_timeout=10, initial_delay=1.0)
@@ -188,7 +202,32 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             return  # the initial listing: resume handlers already reconcile every service at start
         owner = (body.get("metadata", {}).get("labels") or {}).get(names.SERVICE_LABEL)
         if owner:
-            _quietly(run, namespace, owner, skip_rejected=True)
+            _quietly(run, namespace, owner, skip_rejected=True, trigger="child")
+
+
+class _counted:
+    """Count one reconcile pass by its trigger and result, and its failures by reason."""
+
+    def __init__(self, trigger: str):
+        self.trigger = trigger
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, _tb):
+        if e is None:
+            result = "ok"
+        elif isinstance(e, reconcile.Rejected):
+            result = "rejected"
+            health.ERRORS.labels(reason=e.reason).inc()
+        elif isinstance(e, (reconcile.Retry, ApiError)):
+            result = "retry"
+            health.ERRORS.labels(reason="Retry" if isinstance(e, reconcile.Retry) else health.api_error_reason(e)).inc()
+        else:
+            result = "error"
+            health.ERRORS.labels(reason=type(e).__name__).inc()
+        health.RECONCILES.labels(trigger=self.trigger, result=result).inc()
+        return False
 
 
 def _quietly_step(step, namespace: str, name: str, fallback: float) -> float:

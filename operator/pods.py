@@ -8,7 +8,7 @@ from typing import Callable
 
 import httpx
 
-from semipd.operator import names, status
+from semipd.operator import health, names, status
 from semipd.operator.builders import split_string
 from semipd.operator.kube import ApiError, Kube
 
@@ -100,6 +100,9 @@ KEPT = ("name", "applied", "appliedSMs", "lastError", "lastAttemptTime", "ttftMs
 
 def _record_push(entry: dict, old: dict | None, result: PushResult, now: datetime, namespace: str, emit) -> None:
     entry["lastAttemptTime"] = status.stamp(now)
+    health.PUSHES.labels(result="ok" if result.ok else "failed").inc()
+    if not result.ok:
+        health.ERRORS.labels(reason="PartitionPushFailed").inc()
     if result.ok:
         entry["applied"] = entry["desired"]
         entry.pop("lastError", None)

@@ -63,7 +63,7 @@ class OperatorProcess:
     def start(self, wait: bool = True, timeout: float = 60.0) -> "OperatorProcess":
         self.port = free_port()
         cmd = [sys.executable, "-m", "semipd.operator.main", "--kubeconfig", self.kubeconfig,
-               "--liveness", f"http://127.0.0.1:{self.port}/healthz",
+               "--http", f"127.0.0.1:{self.port}",
                "--status-interval", str(self.status_interval), "--push-timeout", str(self.push_timeout),
                "--token-key-secret", self.token_key_secret, "--log-level", "debug"]
         for ns in self.namespaces:
@@ -85,6 +85,17 @@ class OperatorProcess:
                 raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
         poll(live, timeout, what="the operator's liveness endpoint", log=self.log)
+
+    def get(self, path: str) -> httpx.Response:
+        """GET one of the operator's own endpoints: /healthz, /readyz, /metrics."""
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the operator's /metrics samples of that name with those labels (0 where there is none yet)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        return sum(sample.value for family in text_string_to_metric_families(self.get("/metrics").text)
+                   for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -20,7 +20,7 @@ from semipd.operator.kube import ApiError, Kube
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "semipd"
 PLURALS = {"ServiceAccount": "serviceaccounts", "ClusterRole": "clusterroles", "ClusterRoleBinding":
-           "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings", "Deployment": "deployments",
+           "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings", "Deployment": "deployments", "Service": "services",
            "ValidatingAdmissionPolicy": "validatingadmissionpolicies",
            "ValidatingAdmissionPolicyBinding": "validatingadmissionpolicybindings"}
 

@@ -60,8 +60,8 @@ def render(*values: str) -> list[dict]:
 def test_templates_render_clusterwide():
     docs = render()
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount",
-                     "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service",
+                     "ServiceAccount", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     dep = next(d for d in docs if d["kind"] == "Deployment")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
     pod = dep["spec"]["template"]["spec"]
@@ -93,6 +93,49 @@ def test_templates_render_namespaced_without_podmonitors():
     assert example["spec"]["model"] == {"imagePath": "/models/tiny-llama"}
     assert example["spec"]["resources"]["gpus"] == 0 and example["spec"]["partition"]["backend"] == "cpu"
     assert example["metadata"]["labels"]["app.kubernetes.io/component"] == "example"
+
+
+def test_probes_metrics_service_and_monitor():
+    docs = render("--set", "metrics.serviceMonitor.enabled=true")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080}] and "--http=0.0.0.0:8080" in c["args"]
+    assert (c["livenessProbe"]["httpGet"], c["readinessProbe"]["httpGet"]) == (
+        {"path": "/healthz", "port": "http"}, {"path": "/readyz", "port": "http"})
+    assert not any(a.startswith("--peering") for a in c["args"])      # the default: standalone, one replica
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http"}]
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0] | {"interval": None} == {"port": "http", "path": "/metrics", "interval": None}
+    assert all(monitor["spec"]["selector"]["matchLabels"][k] == v for k, v in svc["metadata"]["labels"].items()
+               if k in monitor["spec"]["selector"]["matchLabels"])
+    assert not any(d["kind"].endswith("KopfPeering") for d in docs)
+    # the older value name still sets the port
+    c = next(d for d in render("--set", "operator.livenessPort=9090", "--set", "operator.httpPort=null")
+             if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert c["ports"] == [{"name": "http", "containerPort": 9090}]
+
+
+def test_ha_peers_with_its_rbac_and_peering_object():
+    docs = render("--set", "operator.ha.enabled=true")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--peering=semipd-operator" in args and "--peering-lifetime=60" in args
+    (peering,) = [d for d in docs if d["kind"] == "ClusterKopfPeering"]
+    assert peering["apiVersion"] == "kopf.dev/v1" and peering["metadata"]["name"] == "semipd-operator"
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
+            "verbs": ["get", "list", "watch", "patch"]} in role["rules"]
+    docs = render("--set", "operator.ha.enabled=true", "--set", "operator.watchNamespaces={a,b}")
+    assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering") == ["a", "b"]
+    roles = [d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith("-token-key")]
+    assert all({"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
+                "verbs": ["get", "list", "watch", "patch"]} in r["rules"] for r in roles) and len(roles) == 2
+    # the peering CRDs ship with the chart, the same as crds/
+    repo = CHART.parents[1]
+    assert (CHART / "crds" / "kopfpeering.yaml").read_text() == (repo / "crds" / "kopfpeering.yaml").read_text()
 
 
 def test_lint():

@@ -65,3 +65,33 @@ def test_the_spec_handler_gives_a_lasting_conflict_up_after_bounded_retries():
     # the refresh timer is the level-triggered loop that converges once a conflict clears: it never gives up
     timers = [h for h in registry._spawning.get_all_handlers() if h.id == "refresh"]
     assert timers and all(h.retries is None for h in timers)
+
+
+def test_http_address_and_peering_flags():
+    assert main.http_address(main.parse_args([])) == ("0.0.0.0", 8080)
+    assert main.http_address(main.parse_args(["--http", "127.0.0.1:9"])) == ("127.0.0.1", 9)
+    assert main.http_address(main.parse_args(["--http", "off"])) is None
+    assert main.http_address(main.parse_args(["--liveness", "http://0.0.0.0:8081/healthz"])) == ("0.0.0.0", 8081)
+    assert main.peering(main.parse_args([])) is None
+    assert main.operator_settings(20).peering.standalone
+    a, b = (main.peering(main.parse_args(["--peering", "p"])) for _ in range(2))
+    assert a.priority != b.priority and a.identity != b.identity and a.clusterwide   # random: replicas differ
+    s = main.operator_settings(20, a, 15)
+    assert (s.peering.standalone, s.peering.mandatory, s.peering.name, s.peering.lifetime) == (False, True, "p", 15)
+
+
+def test_peering_role_follows_kopfs_rule():
+    from datetime import datetime, timedelta, timezone
+
+    from semipd.operator import health
+    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    me = health.Peering(name="p", identity="me", priority=10, clusterwide=True)
+
+    def peer(priority, age):
+        return {"priority": priority, "lifetime": 60, "lastseen": (now - timedelta(seconds=age)).isoformat()}
+    assert health.role_from({}, me, now) == "unknown"                                  # kopf has not touched it
+    assert health.role_from({"me": peer(10, 0)}, me, now) == "active"
+    assert health.role_from({"me": peer(10, 0), "b": peer(5, 0)}, me, now) == "active"
+    assert health.role_from({"me": peer(10, 0), "b": peer(20, 0)}, me, now) == "standby"
+    assert health.role_from({"me": peer(10, 0), "b": peer(10, 0)}, me, now) == "standby"   # equal: all pause
+    assert health.role_from({"me": peer(10, 0), "b": peer(20, 61)}, me, now) == "active"   # expired

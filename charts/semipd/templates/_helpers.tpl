@@ -38,8 +38,21 @@ app.kubernetes.io/component: operator
 {{- if .Values.rbac.podMonitors }}
 {{ .Files.Get "files/rbac-podmonitors.yaml" | trim }}
 {{- end }}
+{{- if .Values.operator.ha.enabled }}
+{{- if .Values.operator.watchNamespaces }}
+{{ .Files.Get "files/rbac-peering-namespaced.yaml" | trim }}
+{{- else }}
+{{ .Files.Get "files/rbac-peering-cluster.yaml" | trim }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "semipd.tokenKeySecret" -}}
 {{- printf "%s-token-key" (include "semipd.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+
+{{/* The operator's one port for /healthz, /readyz and /metrics (livenessPort: its older name). */}}
+{{- define "semipd.httpPort" -}}
+{{- .Values.operator.httpPort | default .Values.operator.livenessPort | default 8080 -}}
+{{- end }}
