@@ -600,11 +600,14 @@ def test_kstatus_conditions_and_the_argocd_health_check_follow_the_service(kube,
                log=operator.log)
     assert argocd_health.health(obj)["status"] == "Healthy"
 
+    # Scaled to zero: Ready says so at once, while Reconciling may still be True until the pods are gone
+    # (Progressing, rightly); the health settles on Suspended.
     patch_spec(kube, namespace, "gitops", {"replicas": 0})
     obj = poll(lambda: (o := get_spd(kube, namespace, "gitops"))["status"].get("observedGeneration") == 4
-               and condition(o, "Ready").get("reason") == "ScaledToZero" and o, WAIT, what="scaled to zero",
+               and condition(o, "Ready").get("reason") == "ScaledToZero"
+               and argocd_health.health(o)["status"] == "Suspended" and o, WAIT, what="scaled to zero, Suspended",
                log=operator.log)
-    assert argocd_health.health(obj)["status"] == "Suspended"
+    assert condition(obj, "Reconciling")["status"] == "False" and condition(obj, "Stalled")["status"] == "False"
 
 
 POD_TEMPLATE = {
