@@ -54,6 +54,8 @@ def engine_args(spec: ServiceSpec) -> list[str]:
         "--partition-file", names.PARTITION_FILE,
         "--admin-token-file", names.ADMIN_TOKEN_FILE,
     ]
+    if spec.model.uri:               # fetched at start-up into the pod's emptyDir, where a restart finds it again
+        args += ["--download-dir", names.MODEL_DIR]
     if spec.partition.backend:
         args += ["--partition-backend", spec.partition.backend]
     return args + list(spec.engine.args)

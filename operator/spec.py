@@ -2,6 +2,7 @@
 (crds/semipdservice.yaml); the defaults here only matter for specs that never went through it, and a unit test
 keeps them equal to the CRD's."""
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +193,9 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> ServiceSpec:
                              ("imagePath", source.image_path), ("uri", source.uri)) if v]
     if len(chosen) != 1:
         raise SpecError(f"spec.model must set exactly one of pvc, hostPath, imagePath, uri (got {chosen or 'none'})")
+    if source.uri and not re.fullmatch(r"hf://[^/@]+/[^/@]+(@.+)?", source.uri):
+        raise SpecError(f"spec.model.uri {source.uri!r}: only hf://ORG/NAME[@REVISION] is fetched; use a PVC, a "
+                        f"hostPath or a model baked into the image for anything else")
 
     eng = spec.get("engine") or {}
     if not eng.get("image"):

@@ -10,15 +10,17 @@ from pathlib import Path
 # libgomp reads this once, when torch loads it, so it is set before anything imports torch; the user's wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from semipd.runtime.config import (EngineConfig, ServerConfig, SloSettings, check_memory,  # noqa: E402
+from semipd.runtime.config import (DEFAULT_CACHE_DIR, EngineConfig, ServerConfig, SloSettings, check_memory,  # noqa: E402
                                    check_partition_policy)
 
 
 def _serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model over the OpenAI API (prefill and decode on their own SMs)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="Hugging Face model directory (default: the embedded tiny model, made once in "
-                                   "the cache directory)")
+    p.add_argument("--model", help="Hugging Face model directory, or hf://ORG/NAME[@REVISION] to fetch from the "
+                                   "Hub (default: the embedded tiny model, made once in the cache directory)")
+    p.add_argument("--download-dir", default=str(DEFAULT_CACHE_DIR / "models"),
+                   help="where hf:// models are fetched to (and found again on the next start)")
     p.add_argument("--served-model-name", help="name clients use in 'model' (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -112,6 +114,7 @@ def serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_waiting=args.max_num_waiting,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
+        download_dir=args.download_dir,
         kernel_backend=args.kernel_backend, partition_backend=args.partition_backend, sm_split=args.sm_split,
         partition_file=args.partition_file, cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
         torch_threads=args.torch_threads, partition_policy=args.partition_policy,

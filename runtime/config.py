@@ -38,7 +38,7 @@ class SloSettings:
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str                                  # Hugging Face model directory
+    model: str                                  # Hugging Face model directory, or hf://ORG/NAME[@REVISION]
     served_model_name: str | None = None        # name clients send in "model"; default: the directory name
     dtype: str = "auto"                         # auto | float32 | float16 | bfloat16 (auto: bf16 on CUDA, f32 on CPU)
     device: str = "auto"                        # auto | cpu | cuda | cuda:N
@@ -61,6 +61,7 @@ class EngineConfig:
     emulate_sm_share: bool = False              # cpu backend: stretch each step to its SM share (a stand-in)
     cuda_graphs: bool = True                    # decode CUDA graphs (per split) on CUDA
     seed: int = 0
+    download_dir: str = str(DEFAULT_CACHE_DIR / "models")   # where hf:// models are fetched to
     torch_threads: int | None = None            # CPU only: threads per worker while both work (a lone one
                                                 # takes twice as many); default: half the cores
 

@@ -19,6 +19,7 @@ from semipd.runtime.api.drain import SHUTDOWN_CANCEL_S, DrainMiddleware, DrainSt
 from semipd.runtime.api.openapi import openapi_document
 from semipd.runtime.config import EngineConfig, ServerConfig
 from semipd.runtime.engine import Engine
+from semipd.runtime.fetch import resolve_model
 from semipd.runtime.loader import ModelLoadError
 from semipd.runtime.protocol import APIError, error_body
 
@@ -110,7 +111,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     logging.basicConfig(level=server_config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = Engine(engine_config)
+        engine = Engine(resolve_model(engine_config))
     except (ModelLoadError, ValueError, OSError) as e:      # a model or flag we cannot serve: say why, in one line
         log.error("cannot start: %s", e)
         return 1

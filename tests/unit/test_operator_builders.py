@@ -174,3 +174,18 @@ def test_split_strings_and_replicas():
     # under autoscaling the policy's target wins, inside the bounds; a defaulted spec.replicas is ignored
     auto_with_default = make(replicas=1, autoscaling={"minReplicas": 2, "maxReplicas": 4})
     assert [builders.desired_replicas(auto_with_default, 2, t) for t in (3, 1, 7)] == [3, 2, 4]
+
+
+def test_an_hf_model_is_fetched_by_the_engine_into_the_pods_model_volume():
+    from semipd.operator.builders import engine_args
+    from semipd.operator.spec import parse
+    args = engine_args(parse("svc", "ns", {"model": {"uri": "hf://org/model@v1"}, "engine": {"image": "i"}}))
+    assert args[args.index("--model") + 1] == "hf://org/model@v1"
+    assert args[args.index("--download-dir") + 1] == "/models"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/model", "hf://no-org", "https://example.com/model"])
+def test_a_model_uri_the_engine_cannot_fetch_is_an_invalid_spec(uri):
+    from semipd.operator.spec import SpecError, parse
+    with pytest.raises(SpecError, match="only hf://ORG/NAME"):
+        parse("svc", "ns", {"model": {"uri": uri}, "engine": {"image": "i"}})
