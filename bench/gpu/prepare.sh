@@ -20,7 +20,7 @@ limit=$((64 * 1024 * 1024))
 pins=()
 for name in "${packages[@]}"; do
   version="$(python3 -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$name" 2>/dev/null)" ||
-    { echo "prepare.sh: $name is not installed here; run pip install -e '.[test]' first" >&2; exit 1; }
+    { echo "prepare.sh: $name is not installed here; run pip install -e '.[engine,test]' first" >&2; exit 1; }
   pins+=("$name==$version")
 done
 
