@@ -1,5 +1,6 @@
 """The one `semipd` command: serve, bench, simulate, tiny-model, operator."""
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -106,7 +107,28 @@ def _refuse(message: str) -> int:
     return 2
 
 
+ENGINE_PACKAGES = ("torch", "transformers", "fastapi", "uvicorn", "xgrammar")
+
+
+def missing_engine_packages() -> list[str]:
+    """What `semipd serve` needs and an operator-only install (no `engine` extra) lacks."""
+    missing = []
+    for name in ENGINE_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def serve(args) -> int:
+    missing = missing_engine_packages()
+    if missing:
+        print(f"semipd serve: error: the engine is not installed here (missing {', '.join(missing)}); "
+              f"install it with: pip install 'semipd[engine]'", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = EngineConfig(
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,

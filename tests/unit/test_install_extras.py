@@ -143,3 +143,12 @@ def test_semipd_operator_help_without_engine_packages():
     """)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "semipd operator" in r.stdout and "--namespace" in r.stdout, r.stdout
+
+
+def test_semipd_serve_without_the_engine_says_what_to_install():
+    r = _run_guarded("""
+        from semipd.runtime.cli import main
+        raise SystemExit(main(["serve"]))
+    """)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "pip install 'semipd[engine]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
