@@ -28,24 +28,6 @@ def kube(control_plane) -> Kube:
 
 
 @pytest.fixture
-def start_operator(control_plane, kube, namespace, tmp_path):
-    """Start (and restart) an operator that serves only this test's namespace; stop it at the end."""
-    procs = []
-
-    def start(**kwargs) -> OperatorProcess:
-        op = OperatorProcess(control_plane.kubeconfig, [namespace], tmp_path / "operator.log", **kwargs)
-        procs.append(op)
-        return op.start(timeout=WAIT)
-
-    yield start
-    for op in procs:
-        op.stop()
-    # With the operator gone nobody would remove kopf's finalizer, and the namespace could never go.
-    for item in kube.list(*GROUP_PATH, namespace):
-        kube.merge_patch(*GROUP_PATH, namespace, item["metadata"]["name"], {"metadata": {"finalizers": None}})
-
-
-@pytest.fixture
 def operator(start_operator) -> OperatorProcess:
     return start_operator()
 

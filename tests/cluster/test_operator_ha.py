@@ -24,21 +24,6 @@ def kube(control_plane) -> Kube:
     return k
 
 
-@pytest.fixture
-def operators(control_plane, kube, namespace, tmp_path):
-    procs = []
-
-    def start(log: str = "operator.log", extra: list[str] | None = None) -> OperatorProcess:
-        op = OperatorProcess(control_plane.kubeconfig, [namespace], tmp_path / log, extra=extra)
-        procs.append(op)
-        return op.start(timeout=WAIT)
-
-    yield start
-    for op in procs:
-        op.stop()
-    for item in kube.list(*GROUP_PATH, namespace):
-        kube.merge_patch(*GROUP_PATH, namespace, item["metadata"]["name"], {"metadata": {"finalizers": None}})
-
 
 def create(kube: Kube, namespace: str, obj: dict, plural: str = names.PLURAL) -> dict:
     obj["metadata"]["namespace"] = namespace
@@ -64,8 +49,8 @@ def ready_as(op: OperatorProcess, role: str):
     return check
 
 
-def test_the_operator_serves_health_readiness_and_its_own_metrics(kube, namespace, operators):
-    op = operators()
+def test_the_operator_serves_health_readiness_and_its_own_metrics(kube, namespace, start_operator):
+    op = start_operator()
     assert op.get("/healthz").status_code == 200
     poll(ready_as(op, "standalone"), WAIT, what="/readyz: standalone", log=op.log)
     before = op.metric(RECONCILES, trigger="spec", result="ok")
@@ -85,13 +70,13 @@ def test_the_operator_serves_health_readiness_and_its_own_metrics(kube, namespac
     assert op.metric("semipd_operator_errors_total", reason="InvalidSpec") >= 1
 
 
-def test_two_peered_operators_one_acts_and_the_other_takes_over_when_it_dies(kube, namespace, operators):
+def test_two_peered_operators_one_acts_and_the_other_takes_over_when_it_dies(kube, namespace, start_operator):
     create(kube, namespace, {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
            "kopfpeerings")
     peered = ["--peering", PEERING, "--peering-lifetime", "10"]
-    active = operators("active.log", peered + ["--priority", "20"])
+    active = start_operator("active.log", extra=peered + ["--priority", "20"])
     poll(ready_as(active, "active"), WAIT, what="the first operator active", log=active.log)
-    standby = operators("standby.log", peered + ["--priority", "10"])
+    standby = start_operator("standby.log", extra=peered + ["--priority", "10"])
     poll(ready_as(standby, "standby"), WAIT, what="the second operator standby", log=standby.log)
     assert standby.metric("semipd_operator_peering_active") == 0
     # kopf starts a peer with mandatory peering paused; the standby's watch streams stay paused.
