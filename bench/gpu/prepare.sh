@@ -30,7 +30,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" "${pins[@]}"
 
-count=$(ls "$dest"/*.whl | wc -l)
+wheels=("$dest"/*.whl)
+count=${#wheels[@]}
 if [ "$count" -ne "${#packages[@]}" ]; then
   echo "prepare.sh: expected ${#packages[@]} wheels in $dest, found $count" >&2; exit 1
 fi
