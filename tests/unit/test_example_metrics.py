@@ -38,6 +38,18 @@ def exported() -> dict[str, set[str]]:
     return series
 
 
+def operator_exported() -> dict[str, set[str]]:
+    """The operator's own series (semipd.operator.health), with their labels."""
+    from semipd.operator import health
+    series = {}
+    for metric in (health.RECONCILES, health.ERRORS, health.PASSES_IN_FLIGHT, health.PASSES_WAITING,
+                   health.PASSES_QUEUED, health.DECISION_SECONDS, health.PUSHES, health.PEERING_ACTIVE, health.READY):
+        for family in metric.collect():
+            for suffix in SUFFIXES[family.type]:
+                series[family.name + suffix] = set(metric._labelnames) | ({"le"} if family.type == "histogram" else set())
+    return series
+
+
 def dashboard_exprs() -> list[str]:
     d = json.loads((EXAMPLES / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
@@ -46,11 +58,12 @@ def dashboard_exprs() -> list[str]:
 
 
 def test_dashboard_uses_only_exported_metrics_and_labels():
-    series = exported()
+    series = {**exported(), **operator_exported()}
     assert "vllm:time_to_first_token_seconds_bucket" in series and "semipd:sm_count" in series
+    assert "semipd_operator_decision_seconds_bucket" in series and "semipd_operator_reconciles_total" in series
     used = set()
     for expr in dashboard_exprs():
-        names = re.findall(r"\b((?:vllm|semipd):[A-Za-z0-9_:]+)", expr)
+        names = re.findall(r"\b((?:vllm|semipd):[A-Za-z0-9_:]+|semipd_operator_[A-Za-z0-9_]+)", expr)
         assert names, expr
         for name in names:
             assert name in series, f"{name} is not exported (runtime/metrics.py): {expr}"
@@ -65,6 +78,11 @@ def test_dashboard_uses_only_exported_metrics_and_labels():
     for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:request_time_per_output_token_seconds_bucket",
                  "semipd:request_arrivals_total", "vllm:num_requests_waiting", "semipd:sm_count",
                  "vllm:kv_cache_usage_perc"):
+        assert name in used, name
+    # And the operator's: reconciles, errors, decision latency, pushes, queue depth.
+    for name in ("semipd_operator_reconciles_total", "semipd_operator_errors_total",
+                 "semipd_operator_decision_seconds_bucket", "semipd_operator_split_pushes_total",
+                 "semipd_operator_passes_queued"):
         assert name in used, name
 
 
