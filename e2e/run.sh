@@ -96,8 +96,11 @@ kubectl get spd tiny -o wide
 # name=restarts of every engine pod: what must not change while the split moves
 pods() { kubectl get pods -l semipd.io/service=tiny \
     -o jsonpath='{range .items[*]}{.metadata.name}={.status.containerStatuses[0].restartCount}{"\n"}{end}' | sort; }
+applied() { kubectl get spd tiny -o jsonpath='{.status.pods[0].applied}'; }
+has_applied() { [[ -n "$(applied)" ]]; }
+wait_for 120 "status.pods[0].applied (the split the engine reports)" has_applied
 pods_before="$(pods)"
-split_before="$(kubectl get spd tiny -o jsonpath='{.status.pods[0].applied}')"
+split_before="$(applied)"
 say "pods: $(echo "$pods_before" | tr '\n' ' ')split: $split_before"
 
 next "requests through a port-forward on 127.0.0.1:$port"
@@ -117,11 +120,11 @@ kubectl run tiny-load --image="$engine_image" --image-pull-policy=Never --restar
     --slo-ttft 0.5 --slo-tpot 0.1 --no-progress
 split_moved() {
     local now
-    now="$(kubectl get spd tiny -o jsonpath='{.status.pods[0].applied}')"
+    now="$(applied)"
     [[ -n "$now" && "$now" != "$split_before" ]]
 }
 wait_for 300 "status.pods[0].applied to move from $split_before" split_moved
-say "split moved: $split_before -> $(kubectl get spd tiny -o jsonpath='{.status.pods[0].applied}')"
+say "split moved: $split_before -> $(applied)"
 kubectl get spd tiny -o wide
 kubectl get spd tiny -o jsonpath=\
     '{range .status.history[*]}{.time} {.kind} {.pod} {.from} -> {.to} ({.reason}) {.message}{"\n"}{end}'
