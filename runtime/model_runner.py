@@ -145,6 +145,24 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    @torch.inference_mode()
+    def capture_decode_graphs(self, decode_streams: list, max_batch: int) -> None:
+        """One set of decode graphs per split, each captured on that split's decode stream: a graph keeps the SMs
+        of the stream it was captured on, whatever stream later replays it. Done once, at start-up."""
+        pool = torch.cuda.graph_pool_handle()
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= _bucket(max_batch)]
+        started = time.monotonic()
+        try:
+            for stream in {_stream_key(s): s for s in decode_streams}.values():
+                for size in sizes:
+                    self.decode_graphs[(_stream_key(stream), size)] = DecodeGraph(self, size, stream, pool)
+        except Exception as exc:  # an engine that decodes eagerly beats one that does not start
+            log.warning("decode CUDA graph capture failed, decoding eagerly: %s", exc)
+            self.decode_graphs.clear()
+            return
+        log.info("captured %d decode CUDA graphs (%d streams x batch sizes %s) in %.1fs", len(self.decode_graphs),
+                 len(self.decode_graphs) // max(1, len(sizes)), sizes, time.monotonic() - started)
+
     def _tensor(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
         return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
