@@ -56,6 +56,7 @@ class Sequence:
         self.ready_event = None                        # CUDA event the decode worker waits on after handoff
         self.generator = None
         self.grammar = None                            # xgrammar matcher when the output must follow a grammar
+        self.token_counts = None                       # sampling.TokenCounts, kept for penalized requests
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed)
