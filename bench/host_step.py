@@ -6,7 +6,8 @@ at about C tokens of context each (C plus 0-15, so their block boundaries differ
 block every step). The model is replaced by ForwardStandIn, whose forward returns a preallocated tensor: what
 is left is everything the decode worker does per step on the host: scheduling, block-table and input building,
 sampling (greedy) and its bookkeeping, output processing (detokenizing, streaming) and the handoff back to the
-scheduler, metrics and gauges. Each step is timed whole and in phases.
+scheduler, metrics and gauges. Each step is timed whole, less its output processing (OutputProcessor, which
+runs outside the scheduler's lock), and in phases; medians and 90th percentiles over the timed steps.
 
 Two paths through ModelRunner.decode:
   eager  the CPU path: the ForwardBatch is built from the sequences each step.
@@ -33,7 +34,10 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL_DIR = Path(tempfile.gettempdir()) / "semipd-host-step-model"
-PHASES = ("schedule", "inputs", "sample", "decoded")   # "other": the rest of the step (metrics, gauges, split)
+# schedule: Scheduler.schedule_decode; inputs: ModelRunner.decode less the stand-in (batch tensors, or the graph's
+# buffers); sample: sample_step; handoff: Scheduler.decoded less output; output: OutputProcessor.append_token
+# (detokenizing, stop checks, streaming, per-token metrics); other: the rest of the step (metrics, gauges, split).
+PHASES = ("schedule", "inputs", "sample", "handoff", "output")
 
 
 class ForwardStandIn:
@@ -144,29 +148,32 @@ def phase_timers(engine, stand_in, totals: dict):
     """Wrap the step's parts to time them; the wrappers cost a microsecond or so each."""
     import semipd.runtime.engine as engine_module
 
-    def timed(name, fn, minus_stand_in=False):
+    def timed(name, fn, minus_stand_in=False, minus_output=False):
         def wrapper(*a, **k):
-            before = stand_in.seconds
+            before, output_before = stand_in.seconds, totals["output"]
             started = time.perf_counter()
             out = fn(*a, **k)
             took = time.perf_counter() - started
-            totals[name] += took - (stand_in.seconds - before if minus_stand_in else 0.0)
+            took -= stand_in.seconds - before if minus_stand_in else 0.0
+            took -= totals["output"] - output_before if minus_output else 0.0
+            totals[name] += took
             return out
         return wrapper
 
-    sched, runner = engine.scheduler, engine.runner
-    saved = (sched.schedule_decode, sched.decoded, runner.decode, engine_module.sample_step)
+    sched, runner, output = engine.scheduler, engine.runner, engine.output
+    saved = (sched.schedule_decode, sched.decoded, runner.decode, engine_module.sample_step, output.append_token)
     sched.schedule_decode = timed("schedule", saved[0])
-    sched.decoded = timed("decoded", saved[1])
+    sched.decoded = timed("handoff", saved[1], minus_output=True)
     runner.decode = timed("inputs", saved[2], minus_stand_in=True)
     engine_module.sample_step = timed("sample", saved[3])
+    output.append_token = timed("output", saved[4])   # the engine passes self.output.append_token to decoded
     try:
         yield
     finally:
-        sched.schedule_decode, sched.decoded, runner.decode, engine_module.sample_step = saved
-        for name in ("schedule_decode", "decoded"):
-            vars(sched).pop(name, None)
-        vars(runner).pop("decode", None)
+        engine_module.sample_step = saved[3]
+        for obj, name in ((sched, "schedule_decode"), (sched, "decoded"), (runner, "decode"),
+                          (output, "append_token")):
+            vars(obj).pop(name, None)
 
 
 def run_steps(engine, stand_in, args) -> dict:
@@ -188,7 +195,10 @@ def run_steps(engine, stand_in, args) -> dict:
                 phases["other"].append(took - sum(totals.values()))
     if len(engine.scheduler.running) != args.batch:
         raise SystemExit(f"{args.batch - len(engine.scheduler.running)} sequences left the batch early")
+    without_output = [t - o for t, o in zip(steps, phases["output"])]
     return {"median_ms": 1e3 * statistics.median(steps), "p90_ms": 1e3 * percentile(steps, 90),
+            "without_output_median_ms": 1e3 * statistics.median(without_output),
+            "without_output_p90_ms": 1e3 * percentile(without_output, 90),
             "phases_median_ms": {p: 1e3 * statistics.median(v) for p, v in phases.items()},
             "forward_stand_in_ms": 1e3 * stand_in.seconds / (args.warmup + args.steps)}
 
@@ -218,7 +228,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"decode host time per step: batch {args.batch}, context ~{args.context}, block size "
           f"{args.block_size}, {args.steps} steps after {args.warmup}, torch threads {torch.get_num_threads()}")
-    print(f"{'path':<6} {'max_model_len':>13} {'median':>9} {'p90':>9}   " + "".join(f"{p:>10}" for p in PHASES + ("other",)))
+    print(f"{'':20} {'whole step':^19}  {'less output':^19}   {'phase medians':^60}")
+    print(f"{'path':<6} {'max_model_len':>13} {'median':>9} {'p90':>9}  {'median':>9} {'p90':>9}   "
+          + "".join(f"{p:>10}" for p in PHASES + ("other",)))
     results = []
     for max_model_len in args.max_model_len:
         for path in args.paths:
@@ -226,7 +238,8 @@ def main(argv=None) -> int:
             fill_batch(engine, args)
             r = run_steps(engine, stand_in, args) | {"path": path, "max_model_len": max_model_len}
             results.append(r)
-            print(f"{path:<6} {max_model_len:>13} {r['median_ms']:>6.3f} ms {r['p90_ms']:>6.3f} ms   "
+            print(f"{path:<6} {max_model_len:>13} {r['median_ms']:>6.3f} ms {r['p90_ms']:>6.3f} ms  "
+                  f"{r['without_output_median_ms']:>6.3f} ms {r['without_output_p90_ms']:>6.3f} ms   "
                   + "".join(f"{r['phases_median_ms'][p]:>7.3f} ms" for p in PHASES + ("other",)), flush=True)
             engine.shutdown()
     if args.json:
