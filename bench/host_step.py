@@ -95,12 +95,12 @@ def cuda_stand_ins():
 
 
 def prepare_model(model_dir: Path, max_positions: int) -> Path:
+    """The tiny model (one layer, one KV head: its forward is never run here), one directory per position limit."""
     from semipd.runtime.tiny_model import write_tiny_model
-    marker = model_dir / f"positions-{max_positions}"
-    if not marker.exists():
-        write_tiny_model(model_dir, num_layers=1, num_kv_heads=1, max_position_embeddings=max_positions)
-        marker.touch()
-    return model_dir
+    path = model_dir / f"positions-{max_positions}"
+    if not (path / "model.safetensors").exists():
+        write_tiny_model(path, num_layers=1, num_kv_heads=1, max_position_embeddings=max_positions)
+    return path
 
 
 def make_engine(model_dir: Path, args, max_model_len: int, path: str):
