@@ -4,9 +4,10 @@ top-p, presence/frequency/repetition penalties over each row's history, logit_bi
 Every case runs runtime/sampling.py's sample_step on logits [64, vocab] (float32), as the decode worker calls
 it, with each row's prompt and output history as given, and each row's sampled token appended to its output
 after the step, as the engine does (so state the sampler keeps across steps, the penalties' token counts, is
-measured as it is kept); the median of --repeat runs is reported, after a warm-up. On CUDA the device is synchronised around each step (its .tolist() does it anyway). Two kinds of
-logits: "peaked" (a language model's shape: a few dozen likely tokens over a flat tail, so a top_p 0.9 nucleus
-holds tens of tokens) and "flat" (standard normal: the nucleus spans most of the vocabulary, the worst case).
+measured as it is kept); the median of --repeat runs is reported, after a warm-up. On CUDA the device is
+synchronised around each step (its .tolist() does it anyway). Two kinds of logits: "peaked" (a language
+model's shape: a few dozen likely tokens over a flat tail, so a top_p 0.9 nucleus holds tens of tokens) and
+"flat" (standard normal: the nucleus spans most of the vocabulary, the worst case).
 
     python bench/sampler_cost.py                      # CPU, vocab 32000 and 128256
     python bench/sampler_cost.py --device cuda
