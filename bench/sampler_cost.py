@@ -2,10 +2,12 @@
 top-p, presence/frequency/repetition penalties over each row's history, logit_bias, logprobs with top 5).
 
 Every case runs runtime/sampling.py's sample_step on logits [64, vocab] (float32), as the decode worker calls
-it, with each row's prompt and output history as given; the median of --repeat runs is reported, after a
-warm-up. On CUDA the device is synchronised around each step (its .tolist() does it anyway). Two kinds of
-logits: "peaked" (a language model's shape: a few dozen likely tokens over a flat tail, so a top_p 0.9 nucleus
-holds tens of tokens) and "flat" (standard normal: the nucleus spans most of the vocabulary, the worst case).
+it, with each row's prompt and output history as given, and each row's sampled token appended to its output
+after the step, as the engine does (so state the sampler keeps across steps, the penalties' token counts, is
+measured as it is kept); the median of --repeat runs is reported, after a warm-up. On CUDA the device is
+synchronised around each step (its .tolist() does it anyway). Two kinds of logits: "peaked" (a language
+model's shape: a few dozen likely tokens over a flat tail, so a top_p 0.9 nucleus holds tens of tokens) and
+"flat" (standard normal: the nucleus spans most of the vocabulary, the worst case).
 
     python bench/sampler_cost.py                      # CPU, vocab 32000 and 128256
     python bench/sampler_cost.py --device cuda
@@ -30,6 +32,7 @@ class Row:
     output_token_ids: list[int] = field(default_factory=list)
     generator: object = None
     grammar: object = None
+    token_counts: object = None
 
 
 CASES = {
@@ -63,11 +66,13 @@ def time_case(kwargs, batch, vocab, prompt_len, output_len, device, repeat, kind
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        sample_step(logits, rows)
+        sampled = sample_step(logits, rows)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= 3:
             times.append(time.perf_counter() - started)
+        for row, s in zip(rows, sampled):
+            row.output_token_ids.append(s.token)
     return statistics.median(times)
 
 

@@ -14,7 +14,8 @@ class ForwardBatch:
     positions: torch.Tensor      # [T] int64, absolute position of each new token
     is_prefill: bool             # prefill/extend (any number of new tokens per sequence) or decode (exactly one)
     slot_mapping: torch.Tensor   # [T] int64, KV slot (block_id * block_size + offset) each new token is written to
-    block_tables: torch.Tensor   # [B, max_blocks] int32, padded with 0 past each sequence's blocks
+    block_tables: torch.Tensor   # [B, max_blocks] int32, past each sequence's blocks 0 (or, in a replayed decode
+                                 # graph's buffer, what an earlier step left): no kernel reads past seq_lens
     seq_lens: torch.Tensor       # [B] int32, KV length of each sequence after this step (cached prefix + new)
     cu_seqlens_q: torch.Tensor   # [B+1] int32, offsets of each sequence's new tokens in input_ids
     max_seqlen_q: int

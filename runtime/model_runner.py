@@ -97,7 +97,8 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         self.model.attach_kv_cache(self.k_caches, self.v_caches)
-        self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching,
+                                          max_blocks_per_seq=-(-self.max_model_len // self.block_size))
 
     def _pool_blocks(self, config: EngineConfig, bytes_per_block: int) -> int:
         """--kv-cache-memory GiB when given; on CPU its default; on CUDA what --gpu-memory-utilization leaves once
@@ -145,13 +146,35 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    @torch.inference_mode()
+    def capture_decode_graphs(self, decode_streams: list, max_batch: int) -> None:
+        """One set of decode graphs per split, each captured on that split's decode stream: a graph keeps the SMs
+        of the stream it was captured on, whatever stream later replays it. Done once, at start-up."""
+        pool = torch.cuda.graph_pool_handle()
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= _bucket(max_batch)]
+        started = time.monotonic()
+        try:
+            for stream in {_stream_key(s): s for s in decode_streams}.values():
+                for size in sizes:
+                    self.decode_graphs[(_stream_key(stream), size)] = DecodeGraph(self, size, stream, pool)
+        except Exception as exc:  # an engine that decodes eagerly beats one that does not start
+            log.warning("decode CUDA graph capture failed, decoding eagerly: %s", exc)
+            self.decode_graphs.clear()
+            return
+        log.info("captured %d decode CUDA graphs (%d streams x batch sizes %s) in %.1fs", len(self.decode_graphs),
+                 len(self.decode_graphs) // max(1, len(sizes)), sizes, time.monotonic() - started)
+
     def _tensor(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
         return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The batch's tables, [B, longest table]: one gather from the block manager's rows (in pinned memory on
+        CUDA, so the copy is asynchronous), not B lists padded to a rectangle each step."""
         width = max(len(s.block_table) for s in seqs)
-        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+        tables = self.block_manager.tables.gather([s.table_row for s in seqs], width,
+                                                  pin_memory=self.device.type == "cuda")
+        return tables.to(self.device, non_blocking=True) if self.device.type == "cuda" else tables
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]], sample_rows: list[bool]) -> torch.Tensor:
@@ -258,14 +281,15 @@ class DecodeGraph:
         # earlier step left past them is never read, and the host's work stays O(batch x context), not
         # O(batch x max_model_len).
         width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        tables = bm.tables.gather([s.table_row for s in seqs], width, pin_memory=runner.device.type == "cuda")
         self.input_ids.copy_(torch.tensor([s.last_token_id for s in seqs] + [0] * pad), non_blocking=True)
         self.positions.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slot_mapping.copy_(torch.tensor([bm.slot(s, p) for s, p in zip(seqs, positions)] + [-1] * pad),
                                 non_blocking=True)
         self.seq_lens.copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32),
                             non_blocking=True)
-        self.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        self.block_tables[n:].zero_()
+        self.block_tables[:n, :width].copy_(tables, non_blocking=True)
+        # Rows past n keep what a larger batch left there: their length is 0, so no kernel reads them (zeroing
+        # them would be device work that grows with max_model_len).
         self.graph.replay()
         return self.logits[:n]

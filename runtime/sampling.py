@@ -1,6 +1,10 @@
 """Sampling parameters and the batched sampler (logit bias, presence/frequency/repetition penalties, greedy,
 temperature, top-k, top-p, per-request seeds) and the logprobs of what was sampled. Every step is one batched
-tensor operation over the rows that ask for it; rows that ask for nothing special cost nothing extra."""
+tensor operation over the rows that ask for it; rows that ask for nothing special cost nothing extra.
+
+Penalties read each row's TokenCounts: its distinct prompt and output tokens with their output counts, built
+once at the sequence's first sampling and extended by the tokens added since, so a step's penalty work is
+O(distinct tokens in the batch), neither O(history) rebuilt nor O(batch x vocabulary)."""
 from dataclasses import dataclass, field
 
 import torch
@@ -56,15 +60,14 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
-           histories: list[tuple[list[int], list[int]]] | None = None) -> list[int]:
+           counts: list["TokenCounts | None"] | None = None) -> list[int]:
     """Next token per row of logits [N, V] (float32). Seeded rows draw from their own generator, so a seed gives
-    the same text whatever else shares the batch. `histories`: each row's (prompt ids, output ids), read only by
-    the penalties."""
+    the same text whatever else shares the batch. `counts`: each penalized row's TokenCounts (None for the
+    others), read only by the penalties."""
     logits = _apply_logit_bias(logits, params)
-    if histories is not None:
-        logits = _apply_penalties(logits, params, histories)
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    if bool(greedy.all()):
+    if counts is not None:
+        logits = _apply_penalties(logits, params, counts)
+    if all(p.greedy for p in params):
         return logits.argmax(dim=-1).tolist()
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
                          device=logits.device, dtype=logits.dtype)
@@ -149,36 +152,81 @@ def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> tor
     return logits
 
 
+class TokenCounts:
+    """One sequence's history as the penalties read it: every distinct token of its prompt and output (the
+    repetition penalty's set) and how often its output holds each (presence and frequency count output only,
+    as in vLLM). Built once from the prompt; `update` adds the output tokens appended since the last call,
+    about one per step. Host memory, O(distinct tokens), never O(vocabulary)."""
+
+    def __init__(self, prompt_token_ids: list[int]):
+        distinct = torch.tensor(prompt_token_ids, dtype=torch.int64).unique()
+        self.size = len(distinct)
+        self._tokens = torch.zeros(max(16, 2 * self.size), dtype=torch.int64)
+        self._counts = torch.zeros_like(self._tokens, dtype=torch.float32)
+        self._tokens[:self.size] = distinct
+        self._views = self._tokens.numpy(), self._counts.numpy()   # element updates without tensor indexing
+        self._entry = dict(zip(distinct.tolist(), range(self.size)))
+        self.counted = 0                  # output tokens already counted
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._tokens[:self.size]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._counts[:self.size]
+
+    def update(self, output_token_ids: list[int]) -> None:
+        for token in output_token_ids[self.counted:]:
+            entry = self._entry.get(token)
+            if entry is None:
+                entry = self._add(token)
+            self._views[1][entry] += 1
+        self.counted = len(output_token_ids)
+
+    def _add(self, token: int) -> int:
+        if self.size == len(self._tokens):
+            self._tokens = torch.cat([self._tokens, torch.zeros_like(self._tokens)])
+            self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
+            self._views = self._tokens.numpy(), self._counts.numpy()
+        entry = self._entry[token] = self.size
+        self._views[0][entry] = token
+        self.size += 1
+        return entry
+
+
+def token_counts(seq) -> TokenCounts:
+    """seq's TokenCounts, made at its first sampling and brought up to date with its output."""
+    if seq.token_counts is None:
+        seq.token_counts = TokenCounts(seq.prompt_token_ids)
+    seq.token_counts.update(seq.output_token_ids)
+    return seq.token_counts
+
+
 def _apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
-                     histories: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """vLLM's semantics: presence and frequency count generated tokens only; repetition counts prompt and output."""
+                     counts: list[TokenCounts | None]) -> torch.Tensor:
+    """vLLM's semantics: presence and frequency count generated tokens only; repetition counts prompt and output.
+    Only the (row, token) entries of each row's TokenCounts can change, so only they are computed: gathered,
+    penalized and written back into a copy of the logits."""
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return logits
     dev, vocab = logits.device, logits.shape[1]
-    outputs = _padded([histories[i][1] for i in rows], vocab, dev)
-    counts = torch.zeros(len(rows), vocab + 1, device=dev, dtype=logits.dtype)
-    counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=logits.dtype))
-    counts = counts[:, :vocab]
-    prompts = _padded([histories[i][0] for i in rows], vocab, dev)
-    seen = torch.zeros(len(rows), vocab + 1, device=dev, dtype=torch.bool)
-    seen.scatter_(1, prompts, True)
-    seen = seen[:, :vocab] | (counts > 0)
-    column = lambda name: torch.tensor([getattr(params[i], name) for i in rows], device=dev,  # noqa: E731
-                                       dtype=logits.dtype)[:, None]
-    sub = logits[rows]
+    tokens = torch.cat([counts[i].tokens for i in rows]).to(dev)
+    output_counts = torch.cat([counts[i].counts for i in rows]).to(dev, logits.dtype)
+    sizes = torch.tensor([counts[i].size for i in rows], device=dev)
+    per_entry = lambda values, dtype: torch.tensor(values, device=dev, dtype=dtype).repeat_interleave(  # noqa: E731
+        sizes, output_size=len(tokens))
+    # Entries as flat offsets into the logits: index_select and index_copy_ on one dimension are many times
+    # faster on CPU than two-tensor advanced indexing, and a row's entries are distinct, so no offset repeats.
+    flat = per_entry(rows, torch.int64) * vocab + tokens
+    column = lambda name: per_entry([getattr(params[i], name) for i in rows], logits.dtype)  # noqa: E731
+    logits = logits.contiguous()
+    values = logits.view(-1).index_select(0, flat)
     rep = column("repetition_penalty")
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub = sub - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
-    logits = logits.clone()
-    logits[rows] = sub
-    return logits
-
-
-def _padded(lists: list[list[int]], pad: int, device) -> torch.Tensor:
-    """Rows of token ids padded with `pad` (a spare column past the vocabulary, dropped after scattering)."""
-    width = max(1, max(len(x) for x in lists))
-    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], device=device, dtype=torch.int64)
+    values = torch.where(values > 0, values / rep, values * rep)
+    values = values - column("frequency_penalty") * output_counts - column("presence_penalty") * (output_counts > 0)
+    return logits.clone().view(-1).index_copy_(0, flat, values).view(logits.shape)
 
 
 @dataclass(slots=True)
@@ -213,16 +261,16 @@ class Sampled:
 
 
 def sample_step(logits: torch.Tensor, seqs) -> list[Sampled]:
-    """One worker step's sampling for its sequences (anything with params, generator, grammar, prompt_token_ids
-    and output_token_ids): grammar masks first (filled on the CPU while the device may still be computing),
-    histories gathered only when a row is penalized, logprobs only when one asks."""
+    """One worker step's sampling for its sequences (anything with params, generator, grammar, prompt_token_ids,
+    output_token_ids and token_counts): grammar masks first (filled on the CPU while the device may still be
+    computing), token counts kept only for penalized rows, logprobs only when one asks."""
     params = [s.params for s in seqs]
     matchers = [s.grammar for s in seqs]
     constrained = any(m is not None for m in matchers)
     masked = apply_grammar_masks(logits, matchers) if constrained else logits
-    histories = ([(s.prompt_token_ids, s.output_token_ids) for s in seqs]
-                 if any(p.penalized for p in params) else None)
-    tokens = sample(masked, params, [s.generator for s in seqs], histories)
+    counts = ([token_counts(s) if p.penalized else None for s, p in zip(seqs, params)]
+              if any(p.penalized for p in params) else None)
+    tokens = sample(masked, params, [s.generator for s in seqs], counts)
     done = advance(matchers, tokens) if constrained else [False] * len(tokens)
     logprobs = (logprobs_of(logits, tokens, params) if any(p.logprobs is not None for p in params)
                 else [None] * len(tokens))

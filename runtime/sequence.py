@@ -45,6 +45,7 @@ class Sequence:
         self.on_output = on_output
         self.status = Status.WAITING
         self.block_table: list[int] = []
+        self.table_row: int | None = None              # its row in BlockManager.tables while it holds blocks
         self.num_computed_tokens = 0                  # tokens whose K/V are in the cache
         self.block_hashes: list[bytes] = []           # chained hash of each full block of tokens (prefix cache)
         self.num_registered_blocks = 0                # leading blocks already offered to the prefix cache
@@ -55,6 +56,7 @@ class Sequence:
         self.ready_event = None                        # CUDA event the decode worker waits on after handoff
         self.generator = None
         self.grammar = None                            # xgrammar matcher when the output must follow a grammar
+        self.token_counts = None                       # sampling.TokenCounts, kept for penalized requests
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed)
@@ -80,10 +82,14 @@ class Sequence:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, slicing each part (joining them first would copy the whole
+        context on every call: hashing a full block during decode does this call)."""
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
 
     @property
     def finished(self) -> bool:
