@@ -18,21 +18,18 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from semipd.runtime.sampling import SamplingParams, sample_step
+from semipd.runtime.sequence import Sequence
 
 
-@dataclass
-class Row:
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int] = field(default_factory=list)
-    generator: object = None
-    grammar: object = None
-    token_counts: object = None
+def request(params: SamplingParams, prompt: list[int], output: list[int]) -> Sequence:
+    """A sequence as the decode worker hands it to the sampler, with `output` already generated."""
+    seq = Sequence("bench", prompt, params, lambda out: None, torch.device("cpu"))
+    seq.output_token_ids += output
+    return seq
 
 
 CASES = {
@@ -58,7 +55,7 @@ def make_logits(kind: str, batch: int, vocab: int, device) -> torch.Tensor:
 
 def time_case(kwargs, batch, vocab, prompt_len, output_len, device, repeat, kind="peaked") -> float:
     rng = random.Random(0)
-    rows = [Row(SamplingParams(max_tokens=16, **kwargs), [rng.randrange(vocab) for _ in range(prompt_len)],
+    rows = [request(SamplingParams(max_tokens=16, **kwargs), [rng.randrange(vocab) for _ in range(prompt_len)],
                 [rng.randrange(vocab) for _ in range(output_len)]) for _ in range(batch)]
     logits = make_logits(kind, batch, vocab, device)
     times = []

@@ -3,12 +3,12 @@ whole history every step, over seeded random schedules: batches that change, row
 several tokens at once (a preempted request, a first token from prefill), penalized rows mixed with plain ones,
 tokens at both ends of the vocabulary and tables that outgrow their first capacity."""
 import random
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from semipd.runtime.sampling import SamplingParams, TokenCounts, _apply_penalties, sample_step, token_counts
+from semipd.runtime.sequence import Sequence
 
 pytestmark = pytest.mark.unit
 
@@ -38,14 +38,9 @@ def rebuilt_penalties(logits, params, histories):
     return out
 
 
-@dataclass
-class Row:
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int] = field(default_factory=list)
-    generator: object = None
-    grammar: object = None
-    token_counts: object = None
+def request(params: SamplingParams, prompt: list[int]) -> Sequence:
+    """A request as the sampler sees it: the engine's own Sequence."""
+    return Sequence("test", prompt, params, lambda out: None, torch.device("cpu"))
 
 
 def random_params(rng):
@@ -61,7 +56,7 @@ def test_kept_counts_penalize_exactly_as_counts_rebuilt_from_the_history(seed):
     rng = random.Random(seed)
     vocab = rng.choice([7, 50, 1000])
     edge = [0, vocab - 1]
-    rows = [Row(random_params(rng), [rng.choice(edge + list(range(vocab))) for _ in range(rng.randint(1, 60))])
+    rows = [request(random_params(rng), [rng.choice(edge + list(range(vocab))) for _ in range(rng.randint(1, 60))])
             for _ in range(rng.randint(2, 10))]
     for step in range(40):
         batch = [r for r in rows if rng.random() < 0.8] or rows[:1]        # some rows sit a step out
@@ -85,8 +80,8 @@ def test_counts_grow_past_their_first_capacity_and_stay_per_token():
 
 
 def test_sample_step_keeps_counts_only_for_penalized_rows_and_brings_them_up_to_date():
-    penalized = Row(SamplingParams(temperature=0, frequency_penalty=2.0), [1, 2, 3])
-    plain = Row(SamplingParams(temperature=0), [1, 2, 3])
+    penalized = request(SamplingParams(temperature=0, frequency_penalty=2.0), [1, 2, 3])
+    plain = request(SamplingParams(temperature=0), [1, 2, 3])
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 4.0]] * 2)
     for _ in range(3):
         for row, s in zip((penalized, plain), sample_step(logits, [penalized, plain])):
