@@ -44,6 +44,17 @@ def complete(url, prompt):
     return choice["token_ids"], choice["text"]
 
 
+def complete_many(url, prompts):
+    """All prompts in one completions request: they reach the engine in the same instant, whatever the load on
+    the machine, so the KV pool's shortage (and preemption) does not hang on how fast client threads start."""
+    r = httpx.post(url + "/v1/completions", timeout=300,
+                   json={"prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True})
+    r.raise_for_status()
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == list(range(len(prompts)))
+    return [(c["token_ids"], c["text"]) for c in choices]
+
+
 @pytest.mark.parametrize("arch_fixture", ["tiny_llama_dir", "tiny_qwen3_dir"])
 def test_greedy_matches_transformers_under_concurrency(request, start_server, read_metric, arch_fixture):
     model_dir = request.getfixturevalue(arch_fixture)
@@ -53,8 +64,12 @@ def test_greedy_matches_transformers_under_concurrency(request, start_server, re
     # a small prefill budget chunks the longer prompts; a small KV pool forces preemption and recompute
     server = start_server("--model", str(model_dir), "--max-num-batched-tokens", "24", "--num-kv-blocks", "24",
                           "--max-model-len", "256")
-    with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        got = list(pool.map(lambda p: complete(server.url, p), prompts))
+    # half the prompts on connections of their own (the server's concurrency), half in one request whose
+    # prompts alone need about four times the pool, so preemption happens however the connections interleave
+    singles, batched = prompts[:len(prompts) // 2], prompts[len(prompts) // 2:]
+    with cf.ThreadPoolExecutor(len(singles) + 1) as pool:
+        batch = pool.submit(complete_many, server.url, batched)
+        got = list(pool.map(lambda p: complete(server.url, p), singles)) + batch.result()
     for prompt, g, e in zip(prompts, got, expected):
         assert g == e, f"prompt {prompt!r}: server {g} != transformers {e}"
     assert read_metric(server, "vllm:num_preemptions_total") > 0, "the KV pool was meant to force preemption"
