@@ -31,6 +31,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
     logprobs: int | None = None       # None: none; k: the sampled token's logprob and the k most likely
     guided: object = None             # a compiled grammar (runtime/guided.py) the output must follow
+    longest_stop: int = field(init=False, repr=False, compare=False, default=0)   # the text held back, per token
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -48,6 +49,7 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        self.longest_stop = max(map(len, self.stop), default=0)
 
     @property
     def penalized(self) -> bool:
