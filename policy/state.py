@@ -42,6 +42,7 @@ class PolicyState:
     recommendations: list = field(default_factory=list)  # (time, replicas wanted)
     low_since: float | None = None                       # since when fewer pods would do
     served_capacity: float | None = None                 # prompt tok/s a saturated pod last served (no model)
+    proven_capacity: float | None = None                 # the most prompt tok/s a pod served within its targets
 
     def pod(self, name: str) -> PodState:
         return self.pods.setdefault(name, PodState())
@@ -72,7 +73,7 @@ class PolicyState:
                 for name, p in (data.get("pods") or {}).items()}
         return cls(pods=pods, last_scale=data.get("last_scale"),
                    recommendations=list(data.get("recommendations") or []), low_since=data.get("low_since"),
-                   served_capacity=data.get("served_capacity"))
+                   served_capacity=data.get("served_capacity"), proven_capacity=data.get("proven_capacity"))
 
 
 def _rounded(value):

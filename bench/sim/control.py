@@ -140,7 +140,7 @@ class OperatorPolicy(Controller):
         if decision.replicas is not None:
             r = decision.replicas
             self.replica_log.append({"t": round(now, 1), "target": r.target, "changed": r.changed,
-                                     "reason": r.reason, "current": current, "ready": ready})
+                                     "reason": r.reason, "message": r.message, "current": current, "ready": ready})
             if r.changed and self.on_replicas:
                 self.on_replicas(r.target)
         self.clock.at(now + self.interval, self._tick)

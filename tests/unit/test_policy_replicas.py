@@ -54,12 +54,34 @@ def test_without_a_model_scale_out_sizes_by_what_saturated_pods_served_not_by_th
     assert wanted(idle, current=2, bounds=BOUNDS)[0] == 4           # no queue: proportional, at most doubling
 
 
-def test_what_pods_serve_now_never_drives_a_scale_in_but_what_saturated_pods_served_does():
+def test_scale_in_goes_by_what_pods_served_within_their_targets_not_by_a_saturated_figure():
+    # saturated pods measure a pod at its limit, where latencies are far over: alone, they never size a scale-in
     a = [Assessment(valid=True, traffic=True, load=100, margin_ok=True, served=5000, saturated=True)] * 4
     assert wanted(a, current=4, bounds=BOUNDS)[:2] == (3, "LowLoad")     # one at a time, not to 1
-    calm = [Assessment(valid=True, traffic=True, load=100, margin_ok=True, served=100)] * 4
-    need, reason, message = wanted(calm, current=4, bounds=BOUNDS, remembered=500)
-    assert (need, reason) == (1, "LowLoad") and "last served" in message     # 400 tok/s fit one pod at 400
+    calm = [Assessment(valid=True, traffic=True, load=100, margin_ok=True, served=100, pressure=0.2)] * 4
+    assert wanted(calm, current=4, bounds=BOUNDS, remembered=5000)[:2] == (3, "LowLoad")
+    need, reason, message = wanted(calm, current=4, bounds=BOUNDS, remembered=5000, proven=500)
+    assert (need, reason) == (1, "LowLoad") and "within the targets" in message   # 400 tok/s fit one pod at 400
+
+
+def test_one_pod_near_its_target_does_not_hold_a_fleet_but_the_typical_pod_does():
+    def pods(*pressures):
+        return [Assessment(valid=True, traffic=True, load=100, served=100, pressure=p) for p in pressures]
+    need, reason, _ = wanted(pods(0.2, 0.3, 0.2, 0.95), current=4, bounds=BOUNDS, proven=500)
+    assert (need, reason) == (1, "LowLoad")
+    assert wanted(pods(0.9, 0.85, 0.9, 0.1), current=4, bounds=BOUNDS, proven=500)[:2] == (4, "Steady")
+
+
+def test_the_proven_capacity_is_what_calm_pods_took_and_the_most_of_it_is_kept():
+    state = PolicyState()
+    # catching up on a backlog: served 900 of 400 arriving; what it was proven to take is the 400
+    step([obs("a", rate=400, prompt_throughput=900.0), obs("b", rate=400, prompt_throughput=900.0)], state, 0.0, 2)
+    assert state.proven_capacity == 400.0
+    step([obs("a", rate=200), obs("b", rate=200)], state, 15.0, 2)            # a lighter window: the 400 stays
+    assert state.proven_capacity == 400.0
+    step([obs("a", ttft=0.45, rate=800), obs("b", ttft=0.45, rate=800)], state, 30.0, 2)   # near the target
+    assert state.proven_capacity == 400.0
+    assert PolicyState.from_json(state.to_json()).proven_capacity == 400.0
 
 
 def test_a_saturated_window_is_remembered_for_the_scale_in_and_survives_a_restart():
