@@ -206,13 +206,13 @@ def start_server(model_dir: Path, n: int, extra: list[str], log_path: Path):
 
 
 def spawn_server(cmd: list[str], port: int, log_path: Path, what: str, env: dict | None = None,
-                 timeout_s: float = 300):
+                 timeout_s: float = 300, cwd: Path = ROOT):
     """Start an OpenAI-compatible server on loopback `port` and wait until GET /health answers 200. `env`: the
     variables to set on top of this process's environment."""
     import httpx
 
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                             env=None if env is None else os.environ | env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
