@@ -196,11 +196,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def semipd_command(model_dir: Path, port: int, n: int, extra: list[str]) -> list[str]:
+    """`semipd serve` on CPU in float32 with a 1 GiB KV pool, a batch limit of `n`, then `extra` (a later flag
+    wins over an earlier one)."""
+    return [sys.executable, "-m", "semipd.runtime.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+            "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", str(max(n, 1)),
+            "--kv-cache-memory", "1", "--log-level", "warning", *extra]
+
+
 def start_server(model_dir: Path, n: int, extra: list[str], log_path: Path):
     port = _free_port()
-    cmd = [sys.executable, "-m", "semipd.runtime.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", str(max(n, 1)),
-           "--kv-cache-memory", "1", "--log-level", "warning", *extra]
+    cmd = semipd_command(model_dir, port, n, extra)
     proc, url = spawn_server(cmd, port, log_path, "semipd serve")
     return proc, url, cmd
 
