@@ -119,6 +119,7 @@ def launch(system: str, args, model_dir: Path, log_path: Path) -> Launched:
     port = bench_engine._free_port()
     cmd, env = vllm_command(args.vllm_python, model_dir, port, args.dtype, args.max_num_seqs, 1, os.cpu_count() or 1,
                             args.vllm_args)
+    env |= dict(args.vllm_env)
     # not from the repository root: its operator/ would shadow the standard library's for vLLM's `python -c`
     # and the `python -m` subprocesses it starts
     proc, url = spawn_server(cmd, port, log_path, "vllm serve", env=env, timeout_s=args.start_timeout,
@@ -219,6 +220,13 @@ def format_table(rounds: list[dict], systems: list[str], case_names: list[str]) 
 
 # ---- the run ----------------------------------------------------------------------------------------------
 
+def env_pair(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"want NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -230,6 +238,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra `semipd serve` flags, one string (e.g. \"--torch-threads 1\")")
     p.add_argument("--vllm-args", type=shlex.split, default=[],
                    help="extra `vllm serve` flags, one string (e.g. \"--max-num-batched-tokens 512\")")
+    p.add_argument("--vllm-env", type=env_pair, action="append", default=[], metavar="NAME=VALUE",
+                   help="an extra variable for vLLM, repeatable (e.g. LD_PRELOAD=/venv/lib/libiomp5.so, which "
+                        "vLLM's CPU docs advise, with tcmalloc)")
     p.add_argument("--skip", choices=SYSTEMS, help="run only the other system (no agreement check)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="both servers' batch limit")
     p.add_argument("--num-requests", "-n", type=int, default=16, help="requests of each burst workload")

@@ -27,6 +27,8 @@ def test_defaults_and_quick(tmp_path):
     quick = vs_vllm.parse_args(["--skip", "vllm", "--quick", "--semipd-args", "--torch-threads 1"])
     assert quick.num_requests == 4 and quick.output_len == (8, 64) and quick.light_requests == 6
     assert quick.semipd_args == ["--torch-threads", "1"]
+    assert vs_vllm.parse_args(["--skip", "vllm", "--vllm-env", "LD_PRELOAD=/a.so:/b.so"]).vllm_env == \
+        [("LD_PRELOAD", "/a.so:/b.so")]
     python = tmp_path / "python"
     python.write_text("")
     assert vs_vllm.parse_args(["--vllm-python", str(python), "--dtype", "bfloat16"]).dtype == "bfloat16"
@@ -35,7 +37,7 @@ def test_defaults_and_quick(tmp_path):
 @pytest.mark.parametrize("argv", [["--vllm-python", "/nonexistent/bin/python"],
                                   ["--skip", "vllm", "--semipd-args", "--dtype bfloat16"],
                                   ["--skip", "semipd", "--vllm-python", sys.executable, "--vllm-args", "--dtype=half"],
-                                  ["--skip", "vllm", "--rounds", "0"], ["--dtype", "auto", "--skip", "vllm"]])
+                                  ["--skip", "vllm", "--rounds", "0"], ["--skip", "vllm", "--vllm-env", "NOEQUALS"], ["--dtype", "auto", "--skip", "vllm"]])
 def test_bad_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         vs_vllm.parse_args(argv)
