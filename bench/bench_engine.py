@@ -196,28 +196,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def semipd_command(model_dir: Path, port: int, n: int, extra: list[str]) -> list[str]:
+    """`semipd serve` on CPU in float32 with a 1 GiB KV pool, a batch limit of `n`, then `extra` (a later flag
+    wins over an earlier one)."""
+    return [sys.executable, "-m", "semipd.runtime.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+            "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", str(max(n, 1)),
+            "--kv-cache-memory", "1", "--log-level", "warning", *extra]
+
+
 def start_server(model_dir: Path, n: int, extra: list[str], log_path: Path):
+    port = _free_port()
+    cmd = semipd_command(model_dir, port, n, extra)
+    proc, url = spawn_server(cmd, port, log_path, "semipd serve")
+    return proc, url, cmd
+
+
+def spawn_server(cmd: list[str], port: int, log_path: Path, what: str, env: dict | None = None,
+                 timeout_s: float = 300, cwd: Path = ROOT):
+    """Start an OpenAI-compatible server on loopback `port` and wait until GET /health answers 200. `env`: the
+    variables to set on top of this process's environment."""
     import httpx
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "semipd.runtime.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", str(max(n, 1)),
-           "--kv-cache-memory", "1", "--log-level", "warning", *extra]
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                            env=None if env is None else os.environ | env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"semipd serve exited with {proc.returncode}; see {log_path}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log_path}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url, cmd
+                return proc, url
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"semipd serve was not ready after 300 s; see {log_path}")
+    raise RuntimeError(f"{what} was not ready after {timeout_s:g} s; see {log_path}")
 
 
 def stop_server(proc) -> None:

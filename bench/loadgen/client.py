@@ -62,6 +62,7 @@ class Target:
     timeout_s: float = 600.0               # per request, from sending it to the end of its stream
     ignore_eos: bool = True
     temperature: float = 0.0
+    return_token_ids: bool = False         # ask for each chunk's token ids (a vLLM extension semipd serves too)
 
     def __post_init__(self):
         if self.endpoint not in ENDPOINTS:
@@ -74,7 +75,7 @@ class Target:
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def body(self, prompt: str, max_tokens: int) -> dict:
+    def body(self, prompt: str | list[int], max_tokens: int) -> dict:
         body = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
                 "max_tokens": max_tokens, "temperature": self.temperature}
         if self.endpoint == "chat":
@@ -83,6 +84,8 @@ class Target:
             body["prompt"] = prompt
         if self.ignore_eos:
             body["ignore_eos"] = True
+        if self.return_token_ids:
+            body["return_token_ids"] = True
         return body
 
 
@@ -278,6 +281,7 @@ async def send_one(client: httpx.AsyncClient, target: Target, spec: RequestSpec,
     start = time.perf_counter()
     result = RequestResult(spec.index, spec.arrival_s, start - t0, spec.prompt_tokens)
     chunk_times: list[float] = []
+    token_ids: list[int] = []
     usage: dict | None = None
     done = False
 
@@ -309,6 +313,8 @@ async def send_one(client: httpx.AsyncClient, target: Target, spec: RequestSpec,
                     return
                 if data.get("usage"):
                     usage = data["usage"]
+                if target.return_token_ids and data.get("choices"):
+                    token_ids.extend(data["choices"][0].get("token_ids") or ())
                 if _chunk_text(data, target.endpoint == "chat"):
                     chunk_times.append(now)
 
@@ -334,6 +340,8 @@ async def send_one(client: httpx.AsyncClient, target: Target, spec: RequestSpec,
     result.ttft_s = chunk_times[0] - start
     result.e2e_s = end - start
     result.itl_s = spread_gaps(chunk_times, tokens)
+    if target.return_token_ids:
+        result.token_ids = token_ids
     return result
 
 

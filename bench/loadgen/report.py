@@ -39,6 +39,7 @@ class RequestResult:
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    token_ids: list[int] | None = None   # the output ids, only when the client asked for them (return_token_ids)
 
     @property
     def ok(self) -> bool:
@@ -61,6 +62,8 @@ class RequestResult:
     def record(self) -> dict:
         d = asdict(self)
         d["tpot_s"] = self.tpot_s
+        if d["token_ids"] is None:
+            del d["token_ids"]
         return d
 
 
