@@ -105,7 +105,12 @@ class CompiledDecode:
         self.model = model
         ops = dataclasses.replace(model.ops, store_kv=store_kv, decode_attention=decode_attention)
         self.layers = [_twin(layer, ops) for layer in model.model.layers]
-        self.step = torch.compile(_layer_step, dynamic=True)
+        # dynamic_threads: the kernels read the calling thread's OpenMP count when they run, not the count at
+        # compile time, so they follow the engine's per-worker share (1 core while both workers run, 2 alone).
+        # cpp_wrapper: the graph runs in C++ with the GIL released; inductor's Python wrapper holds it through
+        # each kernel, which starved the prefill worker (TTFT 1.7 -> 6.8 s on bench_engine's burst).
+        self.step = torch.compile(_layer_step, dynamic=True,
+                                  options={"cpp.dynamic_threads": True, "cpp_wrapper": True})
 
     def __call__(self, batch: ForwardBatch) -> torch.Tensor:
         model = self.model
