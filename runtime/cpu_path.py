@@ -24,6 +24,7 @@ import logging
 import time
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 
 from semipd.runtime.batch import ForwardBatch
@@ -109,6 +110,9 @@ class CompiledDecode:
         # compile time, so they follow the engine's per-worker share (1 core while both workers run, 2 alone).
         # cpp_wrapper: the graph runs in C++ with the GIL released; inductor's Python wrapper holds it through
         # each kernel, which starved the prefill worker (TTFT 1.7 -> 6.8 s on bench_engine's burst).
+        # No duck sizing: dims that happen to be equal while tracing (the warm-up's batch 2 and two-block table)
+        # would share one symbol, and every later step where they differ would recompile.
+        torch.fx.experimental._config.use_duck_shape = False
         self.step = torch.compile(_layer_step, dynamic=True,
                                   options={"cpp.dynamic_threads": True, "cpp_wrapper": True})
 

@@ -101,6 +101,9 @@ def test_compiled_decode_gives_eager_greedy_tokens(tiny_dir, caplog):
     prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 9], [11, 2, 6, 1, 1, 5, 30, 2, 9, 8, 4]]
     for batch in (prompts, prompts[:1]):
         assert _greedy(compiled, batch, 12) == _greedy(eager, batch, 12)
+    # the two graphs compiled at start-up served every step: batch 1 and 3, tables 2 to 5 blocks wide
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    assert len(_debug_get_cache_entry_list(cpu_path._layer_step.__code__)) == 2
 
 
 def test_the_flag_reaches_the_engine_config(monkeypatch):
