@@ -13,8 +13,9 @@ and differs only where eager code would stop inductor:
 Embedding, final norm and the head stay eager: one op each. The prefill worker keeps using the eager modules.
 
 Shapes: one graph serves every layer (weights are inputs, not constants) and every batch of 2 or more (dynamic);
-torch specialises size 1, so batch 1 has a graph of its own. Both are compiled at start-up (`warm_up`), so no
-request waits for the compiler. Block tables one block wide are padded to two (masked), for the same reason.
+torch specialises size 1, so batch 1 has a graph of its own, and dynamo guards on the torch thread count, which
+the engine switches per step (a worker's share, twice that alone). All of them are compiled at start-up
+(`warm_up`), so no request waits for the compiler. Block tables one block wide are padded to two (masked), for the same reason.
 """
 from __future__ import annotations
 
@@ -129,10 +130,21 @@ class CompiledDecode:
         return x
 
     @torch.inference_mode()
-    def warm_up(self, block_size: int) -> float:
-        """Compile the graphs a decode step can need (batch 1, batch 2+) on a batch that writes its KV into
-        block 0 before any request has a block; returns the seconds it took."""
+    def warm_up(self, block_size: int, thread_counts=()) -> float:
+        """Compile the graphs a decode step can need (batch 1, batch 2+, under each torch thread count the
+        engine switches between: dynamo guards on it) on a batch that writes its KV into block 0 before any
+        request has a block; returns the seconds it took."""
         started = time.monotonic()
+        before = torch.get_num_threads()
+        try:
+            for threads in dict.fromkeys(thread_counts or (before,)):
+                torch.set_num_threads(threads)
+                self._warm_up(block_size)
+        finally:
+            torch.set_num_threads(before)
+        return time.monotonic() - started
+
+    def _warm_up(self, block_size: int) -> None:
         for size in (1, 2):
             slots = torch.arange(size, dtype=torch.int64) % block_size
             batch = ForwardBatch(
@@ -141,12 +153,11 @@ class CompiledDecode:
                 seq_lens=torch.ones(size, dtype=torch.int32), cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32),
                 max_seqlen_q=1, max_seqlen_k=1, logits_indices=torch.arange(size, dtype=torch.int64))
             self(batch)
-        return time.monotonic() - started
 
 
-def make_decode_path(runner, enabled: bool) -> CompiledDecode | None:
+def make_decode_path(runner, enabled: bool, thread_counts=()) -> CompiledDecode | None:
     """The compiled decode forward for `runner`, or None: the flag is off, the device is not the CPU, or the
-    kernels are not the torch references."""
+    kernels are not the torch references. `thread_counts`: the torch thread counts decode will run under."""
     if not enabled:
         return None
     if runner.device.type != "cpu" or runner.kernel_backend != "torch":
@@ -154,6 +165,6 @@ def make_decode_path(runner, enabled: bool) -> CompiledDecode | None:
                     runner.device, runner.kernel_backend)
         return None
     path = CompiledDecode(runner.model)
-    seconds = path.warm_up(runner.block_size)
+    seconds = path.warm_up(runner.block_size, thread_counts)
     log.info("CPU decode forward compiled by torch.compile (inductor) in %.1fs", seconds)
     return path

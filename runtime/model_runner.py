@@ -9,7 +9,7 @@ import torch
 from semipd.kernels import load_ops
 from semipd.runtime.batch import ForwardBatch
 from semipd.runtime.block_manager import BlockManager
-from semipd.runtime.config import EngineConfig, check_memory
+from semipd.runtime.config import EngineConfig, check_memory, cpu_share
 from semipd.runtime.cpu_path import make_decode_path
 from semipd.runtime.loader import load_model
 from semipd.runtime.sampling import SamplingParams
@@ -87,7 +87,9 @@ class ModelRunner:
                              f"--kv-cache-memory or --num-kv-blocks, or lower --max-model-len")
         self._make_pool(self.num_blocks, config.enable_prefix_caching)
         self.decode_graphs: dict[tuple, DecodeGraph] = {}
-        self.cpu_decode = make_decode_path(self, config.cpu_compile)   # None unless CPU and --cpu-compile
+        # None unless CPU and --cpu-compile; compiled for the thread counts Engine gives the decode worker
+        share = cpu_share(config.torch_threads)
+        self.cpu_decode = make_decode_path(self, config.cpu_compile, (share, 2 * share))
         log.info("model %s on %s (%s, %s kernels); KV pool %d blocks x %d tokens (%.1f MiB), prefix caching %s",
                  config.model, self.device, str(self.dtype).removeprefix("torch."), self.kernel_backend,
                  self.num_blocks, self.block_size, self.num_blocks * bytes_per_block / 2**20,
