@@ -72,6 +72,9 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
                      help="seconds of the engine's own measurements each decision reads")
     p.add_argument("--admin-token-file", help="bearer token for /admin/* (or set SEMIPD_ADMIN_TOKEN)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
+    p.add_argument("--cpu-compile", action="store_true",
+                   help="CPU only: compile the decode forward with torch.compile (inductor) at start-up (tens of "
+                        "seconds): fused paged attention and elementwise ops; ignored on CUDA")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--max-request-body-mib", type=float, default=16.0,
@@ -139,6 +142,7 @@ def serve(args) -> int:
         download_dir=args.download_dir,
         kernel_backend=args.kernel_backend, partition_backend=args.partition_backend, sm_split=args.sm_split,
         partition_file=args.partition_file, cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
+        cpu_compile=args.cpu_compile,
         torch_threads=args.torch_threads, partition_policy=args.partition_policy,
         emulate_sm_share=args.emulate_sm_share,
         slo=SloSettings(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, percentile=args.slo_percentile,

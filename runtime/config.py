@@ -60,6 +60,7 @@ class EngineConfig:
     slo: SloSettings = field(default_factory=SloSettings)
     emulate_sm_share: bool = False              # cpu backend: stretch each step to its SM share (a stand-in)
     cuda_graphs: bool = True                    # decode CUDA graphs (per split) on CUDA
+    cpu_compile: bool = False                   # CPU: decode forward through torch.compile (runtime/cpu_path.py)
     seed: int = 0
     download_dir: str = str(DEFAULT_CACHE_DIR / "models")   # where hf:// models are fetched to
     torch_threads: int | None = None            # CPU only: threads per worker while both work (a lone one

@@ -9,7 +9,8 @@ import torch
 from semipd.kernels import load_ops
 from semipd.runtime.batch import ForwardBatch
 from semipd.runtime.block_manager import BlockManager
-from semipd.runtime.config import EngineConfig, check_memory
+from semipd.runtime.config import EngineConfig, check_memory, cpu_share
+from semipd.runtime.cpu_path import make_decode_path
 from semipd.runtime.loader import load_model
 from semipd.runtime.sampling import SamplingParams
 from semipd.runtime.sequence import Sequence
@@ -86,6 +87,9 @@ class ModelRunner:
                              f"--kv-cache-memory or --num-kv-blocks, or lower --max-model-len")
         self._make_pool(self.num_blocks, config.enable_prefix_caching)
         self.decode_graphs: dict[tuple, DecodeGraph] = {}
+        # None unless CPU and --cpu-compile; compiled for the thread counts Engine gives the decode worker
+        share = cpu_share(config.torch_threads)
+        self.cpu_decode = make_decode_path(self, config.cpu_compile, (share, 2 * share))
         log.info("model %s on %s (%s, %s kernels); KV pool %d blocks x %d tokens (%.1f MiB), prefix caching %s",
                  config.model, self.device, str(self.dtype).removeprefix("torch."), self.kernel_backend,
                  self.num_blocks, self.block_size, self.num_blocks * bytes_per_block / 2**20,
@@ -218,7 +222,7 @@ class ModelRunner:
             block_tables=self._block_tables(seqs), seq_lens=self._tensor([p + 1 for p in positions], torch.int32),
             cu_seqlens_q=self._tensor(list(range(len(seqs) + 1)), torch.int32), max_seqlen_q=1,
             max_seqlen_k=max(positions) + 1, logits_indices=self._tensor(list(range(len(seqs))), torch.int64))
-        hidden = self.model(batch)
+        hidden = (self.cpu_decode or self.model)(batch)
         return self.model.compute_logits(hidden)
 
 

@@ -7,10 +7,11 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from semipd.kernels import load_ops
 from semipd.runtime.batch import ForwardBatch
-from semipd.runtime.layers import Linear
+from semipd.runtime.layers import Linear, _packable_dtypes
 from semipd.runtime.loader import load_model
 from semipd.runtime.tiny_model import write_tiny_model
 
@@ -231,6 +232,20 @@ def test_packing_keeps_one_copy_of_each_matmul_weight(tmp_path, arch, tied):
 
 def test_packing_leaves_other_dtypes_dense(tmp_path):
     path = write_tiny_model(tmp_path / "m")
-    model, _ = load_model(str(path), torch.bfloat16, "cpu", load_ops("torch"))
+    model, _ = load_model(str(path), torch.float16, "cpu", load_ops("torch"))
     assert model.pack_for_cpu() == 0
     assert all(m.weight is not None for m in model.modules() if isinstance(m, Linear))
+
+
+@pytest.mark.skipif(torch.bfloat16 not in _packable_dtypes(), reason="oneDNN has no bf16 on this CPU")
+def test_bf16_packing_matches_f_linear(tmp_path):
+    """bf16 weights are packed where oneDNN supports bf16, and the packed matmul is F.linear's."""
+    path = write_tiny_model(tmp_path / "m")
+    model, cfg = load_model(str(path), torch.bfloat16, "cpu", load_ops("torch"))
+    dense = {name: m.weight.clone() for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert model.pack_for_cpu() == 4 * cfg.num_layers + 1
+    x = torch.randn(5, cfg.hidden_size, dtype=torch.bfloat16)
+    m = model.model.layers[0].self_attn.qkv_proj
+    ref = F.linear(x.float(), dense["model.layers.0.self_attn.qkv_proj"].float(),
+                   None if m.bias is None else m.bias.float())
+    torch.testing.assert_close(m(x).float(), ref, atol=5e-2, rtol=2e-2)
