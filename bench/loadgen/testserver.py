@@ -55,7 +55,7 @@ def count_tokens(text: str) -> int:
 
 def make_app(settings: ServerSettings):
     app = FastAPI()
-    state = {"received": 0, "served": 0}
+    state = {"received": 0, "served": 0, "dropped": 0}
     app.state.counts = state
     sem = asyncio.Semaphore(settings.concurrency) if settings.concurrency else None
 
@@ -132,6 +132,7 @@ def make_app(settings: ServerSettings):
                                                                                       "content": ""}}]}).encode() + b"\n\n"
                 yield chunk(1, n_out == 1)
                 if settings.drop_every and n % settings.drop_every == 0:
+                    state["dropped"] += 1
                     raise ConnectionAbortedError("dropped on purpose")   # uvicorn cuts the response off
                 sent = 1
                 while sent < n_out:
