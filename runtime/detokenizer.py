@@ -34,11 +34,10 @@ class Detokenizer:
         full = self._decode(ids[seq.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            if not seq.params.stop:
-                seq.text += full[len(prefix):]
-                return False
             searched_from = max(0, len(seq.text) - seq.params.longest_stop)
             seq.text += full[len(prefix):]
+            if not seq.params.stop:
+                return False
             # The earliest match wins, whichever stop string it is: cutting at the first string of the list
             # that matches anywhere could leave an earlier one in the text.
             found = [at for stop in seq.params.stop if (at := seq.text.find(stop, searched_from)) != -1]
