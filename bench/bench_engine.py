@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from semipd.runtime.config import cpu_share
+from semipd.runtime.cpu_threads import cpu_share
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("SEMIPD_CACHE", Path.home() / ".cache" / "semipd")) / "bench"
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['loadavg'][0]:.2f}; "
           f"torch {info['torch']}, transformers {info['transformers']}")
     print(f"threads: transformers torch.set_num_threads(n) for n in {args.hf_threads}; semipd 2 workers x {per_worker} "
-          f"thread(s) while both work, a lone worker twice as many "
+          f"thread(s) while both work, decode alone the rest "
           f"({'--engine-threads' if engine_threads else 'engine default: half the cores'})")
     print(f"workload: {len(work.prompts)} requests at t=0; prompt tokens {[len(x) for x in work.prompts]} "
           f"(sum {sum(len(x) for x in work.prompts)}); output tokens ({work.distribution}) {work.output_lens} "

@@ -214,7 +214,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     started = time.monotonic()
     code = run_modes(args) if args.what in ("modes", "cpu") else run_fidelity(args)

@@ -6,12 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-# On CPU both engine workers run OpenMP teams on the same cores, next to the HTTP loop. Threads that spin while
-# they wait for work steal those cores from the other team (a 2-core run served 82 tok/s spinning, 129 not).
-# libgomp reads this once, when torch loads it, so it is set before anything imports torch; the user's wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from semipd.runtime.config import (DEFAULT_CACHE_DIR, EngineConfig, ServerConfig, SloSettings, check_memory,  # noqa: E402
+from semipd.runtime.config import (DEFAULT_CACHE_DIR, EngineConfig, ServerConfig, SloSettings, check_memory,
                                    check_partition_policy)
 
 
@@ -80,8 +75,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-request-body-mib", type=float, default=16.0,
                    help="largest request body in MiB; larger ones are refused with 413 before they are read")
     p.add_argument("--torch-threads", type=int,
-                   help="CPU only: torch threads per worker while prefill and decode both work; a worker whose "
-                        "peer is idle takes twice as many (default: half the cores)")
+                   help="CPU only: torch threads per worker while prefill and decode both work; decode, while "
+                        "prefill is idle, takes the cores left (default: half the cores)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the sampler of requests without their own 'seed': the same requests in the same "
                         "order sample the same tokens on a restarted server")

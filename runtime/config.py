@@ -7,18 +7,6 @@ from pathlib import Path
 DEFAULT_CACHE_DIR = Path(os.environ.get("SEMIPD_CACHE", Path.home() / ".cache" / "semipd"))
 
 
-def cpu_share(torch_threads: int | None) -> int:
-    """Threads each CPU worker gets while both work (a lone worker takes twice as many): the flag, or half the
-    cores this process may use (a container's cpuset, not the host's count)."""
-    if torch_threads:
-        return torch_threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 2
-    return max(1, cores // 2)
-
-
 PARTITION_POLICIES = ("external", "static", "slo")
 
 
@@ -63,8 +51,8 @@ class EngineConfig:
     cpu_compile: bool = False                   # CPU: decode forward through torch.compile (runtime/cpu_path.py)
     seed: int = 0
     download_dir: str = str(DEFAULT_CACHE_DIR / "models")   # where hf:// models are fetched to
-    torch_threads: int | None = None            # CPU only: threads per worker while both work (a lone one
-                                                # takes twice as many); default: half the cores
+    torch_threads: int | None = None            # CPU only: threads per worker while both work (decode alone
+                                                # takes the rest, runtime/cpu_threads.py); default: half the cores
 
     @property
     def model_name(self) -> str:

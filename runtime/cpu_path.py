@@ -14,7 +14,7 @@ Embedding, final norm and the head stay eager: one op each. The prefill worker k
 
 Shapes: one graph serves every layer (weights are inputs, not constants) and every batch of 2 or more (dynamic);
 torch specialises size 1, so batch 1 has a graph of its own, and dynamo guards on the torch thread count, which
-the engine switches per step (a worker's share, twice that alone). All of them are compiled at start-up
+the engine switches per step (runtime/cpu_threads.py). All of them are compiled at start-up
 (`warm_up`), so no request waits for the compiler. Block tables one block wide are padded to two (masked), for the same reason.
 """
 from __future__ import annotations

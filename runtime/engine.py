@@ -17,9 +17,10 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from semipd.runtime.config import EngineConfig, check_partition_policy, cpu_share
+from semipd.runtime.config import EngineConfig, check_partition_policy
+from semipd.runtime.cpu_threads import core_shares, in_own_thread
 from semipd.runtime.metrics import EngineMetrics
-from semipd.runtime.model_runner import ModelRunner
+from semipd.runtime.model_runner import ModelRunner, resolve_device
 from semipd.runtime.output import OutputProcessor
 from semipd.runtime.partition import PartitionController, PartitionFileWatcher, emulated_wait, make_backend
 from semipd.runtime.recent import RecentSamples
@@ -38,10 +39,10 @@ class Engine:
         check_partition_policy(config)
         self.config = config
         torch.manual_seed(config.seed)       # the generator of every request without a seed of its own
-        self.runner = ModelRunner(config)
-        # CPU: while both phases work each worker gets its share of the cores; a worker whose peer is idle
-        # takes both shares. Thread counts are per OS thread in torch, so each worker sets its own.
-        self._cpu_share = cpu_share(config.torch_threads) if self.runner.device.type == "cpu" else None
+        on_cpu = resolve_device(config.device).type == "cpu"
+        # CPU: loaded on a thread that ends, so that no OpenMP team outlives the loading (runtime/cpu_threads.py)
+        self.runner = in_own_thread(ModelRunner, config) if on_cpu else ModelRunner(config)
+        self._cores = core_shares(config.torch_threads) if on_cpu else None
         self._busy = {"prefill": False, "decode": False}
         self.block_manager = self.runner.block_manager
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -183,9 +184,10 @@ class Engine:
             self.scheduler.abort_all()
 
     def _claim_cores(self, phase: str, peer: str, has_work: bool) -> None:
+        """CPU: this worker's torch threads for its next step, by runtime/cpu_threads.py's rule."""
         self._busy[phase] = has_work
-        if self._cpu_share is not None and has_work:
-            threads = self._cpu_share if self._busy[peer] else 2 * self._cpu_share
+        if self._cores is not None and has_work:
+            threads = self._cores.prefill if phase == "prefill" else self._cores.decode(self._busy[peer])
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 

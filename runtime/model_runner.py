@@ -9,8 +9,9 @@ import torch
 from semipd.kernels import load_ops
 from semipd.runtime.batch import ForwardBatch
 from semipd.runtime.block_manager import BlockManager
-from semipd.runtime.config import EngineConfig, check_memory, cpu_share
+from semipd.runtime.config import EngineConfig, check_memory
 from semipd.runtime.cpu_path import make_decode_path
+from semipd.runtime.cpu_threads import core_shares
 from semipd.runtime.loader import load_model
 from semipd.runtime.sampling import SamplingParams
 from semipd.runtime.sequence import Sequence
@@ -88,8 +89,8 @@ class ModelRunner:
         self._make_pool(self.num_blocks, config.enable_prefix_caching)
         self.decode_graphs: dict[tuple, DecodeGraph] = {}
         # None unless CPU and --cpu-compile; compiled for the thread counts Engine gives the decode worker
-        share = cpu_share(config.torch_threads)
-        self.cpu_decode = make_decode_path(self, config.cpu_compile, (share, 2 * share))
+        cores = core_shares(config.torch_threads)
+        self.cpu_decode = make_decode_path(self, config.cpu_compile, (cores.decode_shared, cores.decode_alone))
         log.info("model %s on %s (%s, %s kernels); KV pool %d blocks x %d tokens (%.1f MiB), prefix caching %s",
                  config.model, self.device, str(self.dtype).removeprefix("torch."), self.kernel_backend,
                  self.num_blocks, self.block_size, self.num_blocks * bytes_per_block / 2**20,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from semipd.kernels import reference
 from semipd.runtime import cpu_path
-from semipd.runtime.config import EngineConfig, cpu_share
+from semipd.runtime.config import EngineConfig
+from semipd.runtime.cpu_threads import core_shares
 from semipd.runtime.layers import _packable_dtypes, pack_for_cpu
 from semipd.runtime.sampling import SamplingParams
 from semipd.runtime.sequence import Sequence
@@ -99,9 +100,10 @@ def test_compiled_decode_gives_eager_greedy_tokens(tiny_dir, caplog):
     assert "compiled" in caplog.text
     # batch 3 and batch 1 (their own graphs), contexts from one block (padded to two) across several blocks
     prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 9], [11, 2, 6, 1, 1, 5, 30, 2, 9, 8, 4]]
-    share, before = cpu_share(None), torch.get_num_threads()
+    cores, before = core_shares(), torch.get_num_threads()
+    counts = {cores.decode_shared, cores.decode_alone}
     try:
-        for threads in (share, 2 * share):           # what Engine gives the decode worker, busy peer or idle
+        for threads in counts:                        # what Engine gives the decode worker, busy peer or idle
             torch.set_num_threads(threads)
             for batch in (prompts, prompts[:1]):
                 assert _greedy(compiled, batch, 12) == _greedy(eager, batch, 12)
@@ -110,7 +112,7 @@ def test_compiled_decode_gives_eager_greedy_tokens(tiny_dir, caplog):
     # the graphs compiled at start-up served every step: batch 1 and 3, tables 2 to 5 blocks wide, both thread
     # counts (dynamo guards on it)
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    assert len(_debug_get_cache_entry_list(cpu_path._layer_step.__code__)) == 2 * len({share, 2 * share})
+    assert len(_debug_get_cache_entry_list(cpu_path._layer_step.__code__)) == 2 * len(counts)
 
 
 def test_the_flag_reaches_the_engine_config(monkeypatch):
