@@ -1,8 +1,8 @@
 """Plain-torch versions of every kernel: the engine's CPU path and the ground truth for the Triton tests.
 
 They are written to be obviously correct first and reasonably fast on CPU second: whole-batch block gathers
-and one SDPA call per batch (decode), one masked SDPA per sequence (prefill). Everything is
-computed in float32 and returned in the input's dtype, like the Triton kernels.
+and one SDPA call per batch (decode), one masked SDPA per sequence (prefill). Everything accumulates
+in float32 and is returned in the input's dtype, like the Triton kernels.
 
 Layouts shared with the Triton kernels:
   k_cache, v_cache   [num_blocks, block_size, Hkv, D]; token t of a sequence lives in block
@@ -49,23 +49,25 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, 
                      num_splits: int | None = None):
     """One query token per sequence over its first seq_lens[b] cached tokens; seq_len 0 gives zeros.
 
-    The gathered K/V are handed to SDPA as [B, Hkv, L, D] views with GQA left to SDPA, so nothing is repeated
-    or permuted into a copy. workspace and num_splits only matter to the Triton kernel; they are accepted so
-    both backends share a signature.
+    The gathered K/V go to SDPA as [B, Hkv, L, D] views, and the query heads of each KV group as its query rows
+    ([B, Hkv, G, D]), so nothing is repeated, permuted or upcast into a copy: SDPA's CPU kernel reads half
+    precision as it is and accumulates in float32, as the Triton kernel does. workspace and num_splits only
+    matter to the Triton kernel; they are accepted so both backends share a signature.
     """
-    batch = q.shape[0]
+    batch, num_heads, head_dim = q.shape
     max_len = int(seq_lens.max()) if batch else 0
     if max_len == 0:
         return torch.zeros_like(q)
-    k = gather_kv(k_cache, block_tables, max_len).float().transpose(1, 2)  # [B, Hkv, L, D]
-    v = gather_kv(v_cache, block_tables, max_len).float().transpose(1, 2)
+    k = gather_kv(k_cache, block_tables, max_len).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    v = gather_kv(v_cache, block_tables, max_len).to(q.dtype).transpose(1, 2)
+    num_kv_heads = k.shape[1]
     lens = seq_lens.to(q.device).long()
     valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, L]
-    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=valid[:, None, None, :],
-                                         scale=scale, enable_gqa=True)[:, :, 0]
+    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=valid[:, None, None, :], scale=scale)
     # A sequence with no tokens has an all-masked row, which SDPA turns into NaN; it contributes nothing instead.
-    out = torch.where((lens > 0)[:, None, None], out, 0.0)
-    return out.to(q.dtype)
+    out = torch.where((lens > 0)[:, None, None, None], out, 0.0)
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q: int,
